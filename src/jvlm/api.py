@@ -1,0 +1,175 @@
+"""The library face: ``jvlm.load(...)`` → ``VLM`` with ``chat`` (one, a batch, or streamed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_model, resolve_dtype
+from .config import JinaVLMConfig
+from .engine.engine import Engine, RequestHandle
+from .engine.sampling import SamplingParams
+from .engine.types import ChatDelta, ChatResult
+from .errors import CheckpointError, InvalidRequestError
+from .hub import DEFAULT_MODEL, resolve_snapshot
+from .images.fetch import ImageLimits
+from .images.tiling import ImageProcessorConfig
+from .processor import Processor, Prompt
+from .tokenizer import TextTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What ``generation_config.json`` contributes: the stop ids (its sampling fields are not applied:
+    jvlm's defaults are greedy unless the caller asks otherwise)."""
+
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Path, tokenizer: TextTokenizer) -> GenerationConfig:
+        path = snapshot / "generation_config.json"
+        ids: list[int] = []
+        if path.exists():
+            try:
+                eos = json.loads(path.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            ids = [eos] if isinstance(eos, int) else list(eos or [])
+        ids.append(tokenizer.eos_token_id)
+        im_end = tokenizer.tokenizer.token_to_id("<|im_end|>")
+        if im_end is not None:  # the end of an assistant turn in a ChatML template always ends the answer
+            ids.append(im_end)
+        return cls(tuple(dict.fromkeys(ids)))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a jina-vlm snapshot: {path.name} is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class VLM:
+    """A loaded jina-vlm: the model, its processor and an engine."""
+
+    def __init__(self, model, tokenizer: TextTokenizer, processor: Processor, generation: GenerationConfig,
+                 snapshot: Path, dtype: torch.dtype, **engine_options):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.generation = generation
+        self.snapshot, self.dtype = snapshot, dtype
+        self.config: JinaVLMConfig = model.cfg
+        self.context_length = processor.context_length
+        self.engine = Engine(model, tokenizer, set(generation.eos_token_ids), self.context_length, **engine_options)
+
+    # ------------------------------------------------------------------ building blocks
+    def prepare(self, conversation: list[dict], *, max_crops: int | None = None, max_pixels: int | None = None,
+                image_loader: Callable[[Any], Any] | None = None) -> Prompt:
+        """Load images and build the prompt (cheap: no model compute)."""
+        return self.processor(conversation, max_crops=max_crops, max_pixels=max_pixels, image_loader=image_loader)
+
+    def submit(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> RequestHandle:
+        return self.engine.submit(prompt, params, index)
+
+    # ------------------------------------------------------------------ the public call
+    def chat(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        *,
+        stream: bool = False,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        stop: str | list[str] | None = None,
+        max_crops: int | None = None,
+        max_pixels: int | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+    ) -> ChatResult | list[ChatResult] | Iterator[ChatDelta]:
+        """Answer one conversation, or a batch of them decoded together.
+
+        Args:
+            conversation: a list of messages (``{"role", "content"}``, content a string or a list of
+                ``{"type": "text", "text"}`` / ``{"type": "image", "image": path | URL | data URI | bytes | PIL}``
+                parts), or a list of such conversations (a batch).
+            stream: return an iterator of ``ChatDelta`` (with ``.index`` telling the conversation apart)
+                instead of results.
+            max_crops / max_pixels: image tiling options for this call only.
+            others: sampling (temperature 0 = greedy), stop strings, logprobs.
+
+        Returns:
+            a ``ChatResult`` (one conversation), a list of them (a batch), or an iterator of deltas.
+            Every problem with the input raises a ``jvlm.errors`` exception before any model compute.
+        """
+        batch = _is_batch(conversation)
+        conversations = conversation if batch else [conversation]
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not isinstance(stop, (list, tuple)):
+            raise InvalidRequestError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, stop=tuple(stop or ()), logprobs=logprobs, top_logprobs=top_logprobs,
+        )
+        prompts = [self.prepare(c, max_crops=max_crops, max_pixels=max_pixels) for c in conversations]
+        handles = [self.submit(p, params, i) for i, p in enumerate(prompts)]
+        if stream:
+            return _merge_streams(handles)
+        results = [h.result() for h in handles]
+        return results if batch else results[0]
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _is_batch(conversation: Any) -> bool:
+    return isinstance(conversation, list) and bool(conversation) and all(isinstance(c, list) for c in conversation)
+
+
+def _merge_streams(handles: list[RequestHandle]) -> Iterator[ChatDelta]:
+    """Interleave the deltas of several requests as they are produced."""
+    iterators = [iter(h) for h in handles]
+    try:
+        while iterators:
+            for it in list(iterators):
+                try:
+                    yield next(it)
+                except StopIteration:
+                    iterators.remove(it)
+    finally:
+        for h in handles:
+            if not h.finished:
+                h.cancel()
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    image_limits: ImageLimits | None = None,
+    **engine_options,
+) -> VLM:
+    """Load jina-vlm from a snapshot directory or a hub repo id (resolved through the HF cache)."""
+    torch_dtype = resolve_dtype(dtype)
+    snapshot = resolve_snapshot(model)
+    cfg = JinaVLMConfig.from_file(snapshot / "config.json")
+    tokenizer = TextTokenizer(snapshot)
+    image_config = ImageProcessorConfig.from_dict(_read_json(snapshot / "preprocessor_config.json"))
+    generation = GenerationConfig.from_snapshot(snapshot, tokenizer)
+    net = load_model(snapshot, cfg, torch_dtype, progress=progress)
+    processor = Processor(tokenizer, image_config, cfg.text.max_sequence_length, image_limits)
+    return VLM(net, tokenizer, processor, generation, snapshot, torch_dtype, **engine_options)

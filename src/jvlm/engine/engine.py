@@ -1,0 +1,374 @@
+"""The engine: admits requests, prefills them (vision + prompt), decodes all running ones together.
+
+Continuous batching: every ``step()`` first prefills newly submitted requests, then runs one decode
+step over every running sequence at once (a ragged batch: no padding, each sequence attends only to
+its own cache). A request joins at the next step and leaves as soon as it finishes or is cancelled.
+
+The same engine serves every face. Without a background thread, whoever iterates a handle drives
+``step()`` (the library, the CLI); with ``start()`` a single thread owns the model and handles only
+read their own event queue (the server).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ContextLengthError, OverloadedError
+from ..models.decoder import Segment
+from ..models.jina_vlm import JinaVLM
+from ..processor import Prompt
+from ..tokenizer import TextTokenizer
+from .kv_cache import FeatureCache, KVCache, PrefixCache
+from .sampling import Sampler, SamplingParams
+from .types import ChatDelta, ChatResult, Timings, TokenLogprob, TopLogprob, Usage
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    finished: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    forward_passes: int = 0
+    ttft_sum_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: Prompt
+    params: SamplingParams
+    sampler: Sampler
+    events: queue.Queue
+    budget: int  # max new tokens after clamping to the context
+    cache: KVCache | None = None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    emitted: int = 0  # characters of text already sent
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    cached_tokens: int = 0
+    t_submit: float = 0.0
+    t_prefill: float = 0.0
+    t_first: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+
+
+class RequestHandle:
+    """Iterate for ``ChatDelta``s; ``result()`` waits for the end; ``cancel()`` stops generation."""
+
+    def __init__(self, engine: Engine, request: _Request):
+        self._engine, self._request = engine, request
+        self._result: ChatResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self._result is not None
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+        self._engine._wake()
+
+    def __iter__(self) -> Iterator[ChatDelta]:
+        while self._result is None:
+            delta = self._next_event()
+            if delta.result is not None:
+                self._result = delta.result
+            yield delta
+
+    def result(self) -> ChatResult:
+        for _ in self:
+            pass
+        assert self._result is not None
+        return self._result
+
+    def _next_event(self, timeout: float | None = None) -> ChatDelta:
+        events = self._request.events
+        while True:
+            if self._engine.running_in_background:
+                return events.get(timeout=timeout)
+            try:
+                return events.get_nowait()
+            except queue.Empty:
+                self._engine.step()
+
+
+class Engine:
+    def __init__(
+        self,
+        model: JinaVLM,
+        tokenizer: TextTokenizer,
+        eos_ids: set[int],
+        context_length: int,
+        max_batch: int = 16,
+        max_waiting: int = 256,
+        feature_cache_bytes: int = 256 << 20,
+        prefix_cache_bytes: int = 1 << 30,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos_ids = set(eos_ids)
+        self.context_length = context_length
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.features = FeatureCache(feature_cache_bytes)
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.stats = EngineStats()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._lock = threading.Lock()  # guards the waiting queue
+        self._step_lock = threading.RLock()  # one driver of the model at a time
+        self._cond = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ submission / threads
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def submit(self, prompt: Prompt, params: SamplingParams, index: int = 0) -> RequestHandle:
+        prompt_len = len(prompt.ids)
+        if prompt_len >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt is {prompt_len} tokens, which does not fit the model's context of "
+                f"{self.context_length} tokens")
+        budget = min(params.max_new_tokens, self.context_length - prompt_len)
+        request = _Request(index=index, prompt=prompt, params=params, sampler=Sampler(params),
+                           events=queue.Queue(), budget=budget, t_submit=time.perf_counter())
+        with self._cond:
+            if len(self._waiting) >= self.max_waiting:
+                raise OverloadedError(f"the engine queue is full ({self.max_waiting} requests waiting)")
+            self._waiting.append(request)
+            self.stats.requests += 1
+            self._cond.notify()
+        return RequestHandle(self, request)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def start(self) -> None:
+        """Run the step loop in one background thread that owns the model."""
+        if self.running_in_background:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="jvlm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, cancel: bool = True, timeout: float | None = 30) -> None:
+        if cancel:
+            self.cancel_all()
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            for r in list(self._waiting) + list(self._running):
+                r.cancelled = True
+        self._wake()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            with self._cond:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._cond.wait(timeout=1.0)
+            if self._stopping:
+                break
+            self.step()
+        # drain: anything left gets a final event so no client waits forever
+        for r in list(self._waiting) + list(self._running):
+            self._finish(r, "cancelled")
+        self._waiting.clear()
+        self._running.clear()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> bool:
+        with self._step_lock, torch.inference_mode():
+            for r in [r for r in self._running if r.cancelled]:
+                self._finish(r, "cancelled")
+            admitted = []
+            while len(self._running) < self.max_batch:
+                with self._lock:
+                    if not self._waiting:
+                        break
+                    r = self._waiting.popleft()
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+                    continue
+                self._running.append(r)
+                admitted.append(r)
+                self._prefill(r)
+                if self._running and len(self._running) > len(admitted):
+                    break  # others are decoding: let them advance between prefills
+            decoding = [r for r in self._running if r not in admitted]
+            if decoding:
+                self._decode(decoding)
+            return bool(admitted or decoding)
+
+    def _image_features(self, r: _Request, start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Features and their positions (relative to ``start``) for image tokens at or after ``start``."""
+        feats, positions = [], []
+        for image in r.prompt.images:
+            pos = image.positions  # (N, 196)
+            wanted = pos >= start
+            if not bool(wanted.any()):
+                continue
+            features = self.features.get(image.key)
+            if features is None:
+                t0 = time.perf_counter()
+                features = self.model.encode_images(image.inputs.crops, image.inputs.masks)
+                r.vision_s += time.perf_counter() - t0
+                self.features.put(image.key, features)
+            feats.append(features[wanted])
+            positions.append(pos[wanted] - start)
+        if not feats:
+            return None, None
+        return torch.cat(feats), torch.cat(positions)
+
+    def _prefill(self, r: _Request) -> None:
+        r.t_prefill = time.perf_counter()
+        try:
+            ids = r.prompt.ids
+            key = r.prompt.cache_key()
+            source, n_cached = self.prefixes.lookup(key)
+            n_cached = min(n_cached, len(ids) - 1)  # always run at least the last token
+            r.cache = KVCache(self.model.cfg.text, len(ids) + r.budget, self.model.dtype)
+            if source is not None and n_cached > 0:
+                r.cache.copy_prefix(source, n_cached)
+            else:
+                n_cached = 0
+            r.cached_tokens = n_cached
+            features, feature_pos = self._image_features(r, n_cached)
+            new = torch.tensor(ids[n_cached:], dtype=torch.long)
+            logits = self.model(
+                new, torch.arange(n_cached, len(ids)), [Segment(r.cache, n_cached, len(new))],
+                image_features=features, image_positions=feature_pos,
+                logits_at=torch.tensor([len(new) - 1]),
+            )
+            r.cache.length = len(ids)
+            self.stats.forward_passes += 1
+            self.stats.prompt_tokens += len(ids)
+            self.stats.cached_prompt_tokens += n_cached
+            r.prefill_s = time.perf_counter() - r.t_prefill
+            self._accept(r, logits[0])
+        except Exception as e:  # one broken request must not take the others down
+            r.error = f"{type(e).__name__}: {e}"
+            self._finish(r, "error")
+
+    def _decode(self, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        ids = torch.tensor([r.generated[-1] for r in batch], dtype=torch.long)
+        positions = torch.tensor([r.cache.length for r in batch], dtype=torch.long)
+        segments = [Segment(r.cache, r.cache.length, 1) for r in batch]
+        try:
+            logits = self.model(ids, positions, segments)
+        except Exception as e:
+            for r in batch:
+                r.error = f"{type(e).__name__}: {e}"
+                self._finish(r, "error")
+            return
+        self.stats.forward_passes += 1
+        self.stats.decode_tokens += len(batch)
+        self.stats.decode_s += time.perf_counter() - t0
+        for r, row in zip(batch, logits, strict=True):
+            r.cache.length += 1
+            self._accept(r, row)
+
+    # ------------------------------------------------------------------ tokens → text → events
+    def _accept(self, r: _Request, logits: torch.Tensor) -> None:
+        token = r.sampler(logits, r.prompt.ids, r.generated)
+        if not r.generated:
+            r.t_first = time.perf_counter()
+            self.stats.ttft_sum_s += r.t_first - r.t_submit
+        r.generated.append(token)
+        new_logprobs = None
+        if r.params.logprobs:
+            entry = self._logprob_entry(logits, token, r.params.top_logprobs)
+            r.logprobs.append(entry)
+            new_logprobs = [entry]
+
+        finish = None
+        if token in self.eos_ids:
+            finish = "stop"
+        text = self.tokenizer.decode([t for t in r.generated if t not in self.eos_ids])
+        if r.params.stop:
+            hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+        if finish is None and len(r.generated) >= r.budget:
+            finish = "length"
+        r.text = text
+        if finish is None:
+            safe = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence waits for its next byte
+            for s in r.params.stop:  # hold back a possible start of a stop string
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+            delta = text[r.emitted : max(safe, r.emitted)]
+            r.emitted = max(safe, r.emitted)
+            r.events.put(ChatDelta(r.index, delta, [token], new_logprobs))
+        else:
+            self._finish(r, finish, last_token=token, last_logprobs=new_logprobs)
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if k:
+            values, ids = torch.topk(logp, k)
+            top = [TopLogprob(int(i), self.tokenizer.token_text(int(i)), float(v))
+                   for v, i in zip(values, ids, strict=True)]
+        return TokenLogprob(token, self.tokenizer.token_text(token), float(logp[token]), top)
+
+    def _finish(self, r: _Request, reason: str, last_token: int | None = None, last_logprobs=None) -> None:
+        if r.finish_reason is not None:
+            return
+        r.finish_reason = reason
+        now = time.perf_counter()
+        if r in self._running:
+            self._running.remove(r)
+        if r.cache is not None:
+            if reason in ("stop", "length") and r.cache.length:
+                self.prefixes.store(r.prompt.cache_key() + r.generated, r.cache)
+            r.cache = None
+        self.stats.finished += 1
+        self.stats.completion_tokens += len(r.generated)
+        started = r.t_prefill or now
+        timings = Timings(
+            queued_s=started - r.t_submit,
+            vision_s=r.vision_s,
+            prefill_s=r.prefill_s,
+            decode_s=(now - r.t_first) if r.t_first else 0.0,
+            time_to_first_token_s=(r.t_first - r.t_submit) if r.t_first else 0.0,
+            total_s=now - r.t_submit,
+        )
+        usage = Usage(len(r.prompt.ids), r.prompt.image_tokens, len(r.generated), r.cached_tokens)
+        result = ChatResult(r.text, list(r.generated), reason, usage, timings,
+                            r.logprobs if r.params.logprobs else None, r.error)
+        delta = r.text[r.emitted:]
+        r.emitted = len(r.text)
+        r.events.put(ChatDelta(r.index, delta, [last_token] if last_token is not None else [], last_logprobs,
+                               reason, result))

@@ -1,0 +1,319 @@
+"""Turn any image source (path, URL, data URI, bytes, PIL image) into a fully loaded RGB image.
+
+Everything that can go wrong raises a typed error from ``jvlm.errors`` naming the source, so the
+CLI and the server can report it without inspecting PIL or httpx exceptions. Size limits are
+checked before pixels are decoded: byte counts from the file size / streamed body, pixel counts
+from the header that ``Image.open`` reads lazily.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import time
+import urllib.parse
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+from jvlm.errors import ImageError, ImageFetchError, ImageTooLargeError, JvlmError
+
+__all__ = ["ImageLimits", "ImageSource", "image_digest", "load_image", "to_rgb"]
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
+
+# A URI scheme needs 2+ characters so that Windows drive letters ("C:\\x.png") stay paths.
+_SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]+):")
+# Content types some servers use for images although they are not image/*.
+_GENERIC_CONTENT_TYPES = {"application/octet-stream", "binary/octet-stream"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps that protect the process from hostile or accidental huge inputs."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000  # declared width x height, checked before decoding
+    fetch_timeout: float = 10.0  # seconds: per network operation and for the whole download
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:  # a bad setting is a programming error, hence ValueError
+        for name in ("max_bytes", "max_pixels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+        if not self.fetch_timeout > 0:
+            raise ValueError(f"ImageLimits.fetch_timeout must be > 0, got {self.fetch_timeout!r}")
+        if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise ValueError(f"ImageLimits.max_redirects must be >= 0, got {self.max_redirects!r}")
+
+
+def load_image(source: ImageSource, *, limits: ImageLimits | None = None) -> Image.Image:
+    """Load ``source`` as an RGB, EXIF-oriented, fully decoded ``PIL.Image.Image``.
+
+    Args:
+        source: a filesystem path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, a
+            ``data:image/...;base64,...`` URI, raw encoded bytes, or a ``PIL.Image.Image``
+            (copied, never modified).
+        limits: byte / pixel / network caps; defaults to ``ImageLimits()``.
+
+    Raises:
+        ImageError: unreadable, missing or malformed source, unsupported scheme or type.
+        ImageTooLargeError: over ``max_bytes`` or ``max_pixels``.
+        ImageFetchError: a URL that cannot be fetched (network, HTTP status, content type, size).
+    """
+    limits = limits or ImageLimits()
+    if isinstance(source, Image.Image):
+        return _from_pil(source, limits)
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return _decode(data, f"<{len(data)} bytes>", limits)
+    if isinstance(source, os.PathLike):
+        return _from_path(Path(source), limits)
+    if isinstance(source, str):
+        return _from_string(source, limits)
+    raise ImageError(
+        f"unsupported image source type {type(source).__name__}: expected a path, URL, data URI, "
+        "bytes or PIL.Image.Image"
+    )
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 hex of (mode, size, raw pixel bytes): a content key for caching image features."""
+    h = hashlib.sha256()
+    h.update(f"{image.mode}:{image.size[0]}x{image.size[1]}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; always returns a new image.
+
+    Transparency is composited onto white (as transformers' ``convert_to_rgb`` does); 16/32-bit
+    integer and float modes are rescaled to 8 bits instead of being clipped.
+    """
+    mode = image.mode
+    if mode in _ALPHA_MODES or image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(image), mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # e.g. LAB, which PIL cannot convert without a colour profile
+        raise ImageError(f"cannot convert image mode {mode} to RGB: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+
+
+def _from_string(source: str, limits: ImageLimits) -> Image.Image:
+    if not source:
+        raise ImageError("empty image source string")
+    lowered = source[:11].lower()
+    if lowered.startswith("data:"):
+        return _from_data_uri(source, limits)
+    if lowered.startswith(("http://", "https://")):
+        return _decode(_fetch_url(source, limits), _short(source), limits)
+    match = _SCHEME_RE.match(source)
+    if match:
+        raise ImageError(
+            f"unsupported image URL scheme {match.group(1)!r} in {_short(source)}: "
+            "use http(s)://, data:image/... or a local path"
+        )
+    return _from_path(Path(source), limits)
+
+
+def _from_path(path: Path, limits: ImageLimits) -> Image.Image:
+    path = path.expanduser()
+    label = _short(str(path))
+    try:
+        if path.is_dir():
+            raise ImageError(f"image path is a directory, not a file: {label}")
+        if not path.exists():
+            raise ImageError(f"image file not found: {label}")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageTooLargeError(
+                f"image file {label} is {size:,} bytes, over the limit of {limits.max_bytes:,} bytes"
+            )
+        with path.open("rb") as f:
+            data = f.read(limits.max_bytes + 1)
+    except (OSError, ValueError) as exc:  # permissions, NUL in the name, name too long, ...
+        raise ImageError(f"cannot read image file {label}: {exc}") from exc
+    return _decode(data, label, limits)
+
+
+def _from_data_uri(uri: str, limits: ImageLimits) -> Image.Image:
+    label = _short(uri)
+    header, sep, payload = uri[5:].partition(",")
+    if not sep:
+        raise ImageError(f"malformed data URI (no comma): {label}")
+    params = [p.strip() for p in header.split(";")]
+    media_type = params[0].lower()
+    if not media_type.startswith("image/"):
+        raise ImageError(f"data URI is not an image (media type {media_type or 'missing'!r}): {label}")
+    if "base64" in (p.lower() for p in params[1:]):
+        payload = re.sub(r"\s+", "", payload)
+        if len(payload) * 3 // 4 > limits.max_bytes + 3:
+            raise ImageTooLargeError(
+                f"image data URI {label} holds about {len(payload) * 3 // 4:,} bytes, over the limit "
+                f"of {limits.max_bytes:,} bytes"
+            )
+        payload += "=" * (-len(payload) % 4)  # tolerate stripped padding
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageError(f"invalid base64 in data URI {label}: {exc}") from exc
+    else:  # RFC 2397 allows percent-encoded payloads
+        data = urllib.parse.unquote_to_bytes(payload)
+    return _decode(data, label, limits)
+
+
+def _from_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
+    label = f"<PIL.Image {image.mode} {image.size[0]}x{image.size[1]}>"
+    _check_pixels(image.size, label, limits)
+    try:
+        image.load()  # a lazily opened caller image: decode errors become ours
+        out = _orient(image)  # exif_transpose returns a new image (a copy when nothing to do)
+        rgb = to_rgb(out)
+    except JvlmError:
+        raise
+    except Exception as exc:
+        raise ImageError(f"cannot decode image {label}: {exc}") from exc
+    rgb.load()
+    return rgb
+
+
+def _fetch_url(url: str, limits: ImageLimits) -> bytes:
+    """Stream ``url`` into memory, stopping as soon as the body goes over ``max_bytes``."""
+    label = _short(url)
+    deadline = time.monotonic() + limits.fetch_timeout
+    try:
+        with httpx.Client(
+            follow_redirects=True, max_redirects=limits.max_redirects, timeout=limits.fetch_timeout
+        ) as client:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
+                if resp.status_code >= 400:
+                    raise ImageFetchError(
+                        f"fetching image {label} failed: HTTP {resp.status_code} {resp.reason_phrase}"
+                    )
+                ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype and not ctype.startswith("image/") and ctype not in _GENERIC_CONTENT_TYPES:
+                    raise ImageFetchError(f"URL {label} did not return an image (content-type {ctype!r})")
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise ImageFetchError(
+                        f"image at {label} is {int(declared):,} bytes, over the limit of "
+                        f"{limits.max_bytes:,} bytes"
+                    )
+                chunks, total = [], 0
+                for chunk in resp.iter_bytes():
+                    total += len(chunk)
+                    if total > limits.max_bytes:
+                        raise ImageFetchError(
+                            f"image at {label} is over the limit of {limits.max_bytes:,} bytes "
+                            f"(stopped reading after {total:,})"
+                        )
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("download took too long")
+                    chunks.append(chunk)
+    except httpx.TimeoutException as exc:
+        raise ImageFetchError(
+            f"fetching image {label} timed out after {limits.fetch_timeout:g}s ({exc})"
+        ) from exc
+    except httpx.TooManyRedirects as exc:
+        raise ImageFetchError(f"fetching image {label} exceeded {limits.max_redirects} redirects") from exc
+    except httpx.HTTPError as exc:  # connection refused, DNS, protocol errors, bad redirect target
+        raise ImageFetchError(f"fetching image {label} failed: {type(exc).__name__}: {exc}") from exc
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
+    if not data:
+        raise ImageError(f"image {label} is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(
+            f"image {label} is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes"
+        )
+    try:
+        # Our own max_pixels check replaces PIL's bomb *warning*; its hard error is mapped below.
+        # (catch_warnings is process-global; at worst a racing thread keeps this ignore filter.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            _check_pixels(image.size, label, limits)
+            image.load()  # frame 0 of animated images
+            rgb = to_rgb(_orient(image))
+    except JvlmError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {label} is too large: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError(f"image {label} is not a recognised image format") from exc
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
+        raise ImageError(f"cannot decode image {label}: {type(exc).__name__}: {exc}") from exc
+    rgb.load()
+    return rgb
+
+
+def _check_pixels(size: tuple[int, int], label: str, limits: ImageLimits) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image {label} has zero size ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"image {label} is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{limits.max_pixels:,} pixels"
+        )
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block leaves the pixels as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - metadata problems must not reject a decodable image
+        return image.copy()
+
+
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    """Map a 16-bit, 32-bit integer or float single-channel image to uint8 [H, W]."""
+    a = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1.0 and image.mode == "F":
+            scale = 1.0  # float images in [0, 1]
+        elif lo >= 0 and hi <= 255:
+            scale = 255.0  # 8-bit values stored in a wide mode (e.g. L converted to I or F)
+        elif lo >= 0 and hi <= 65535:
+            scale = 65535.0  # 16-bit data
+        else:  # anything else (negative, > 16 bits): stretch the observed range
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+            scale = 1.0
+    a = np.nan_to_num(a / scale, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """A source string short enough for an error message (data URIs can be megabytes)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}...({len(text):,} chars)"

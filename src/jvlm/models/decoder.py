@@ -1,0 +1,172 @@
+"""Qwen3-style decoder of jina-vlm (the Qwen3-1.7B geometry for the released model).
+
+What is special here:
+- two embedding tables: the base one (151936 rows) and an extra one for jina-vlm's image tokens
+  (ids ≥ 151936); they are indexed separately, never concatenated;
+- per-head RMSNorm on Q and K before RoPE; RMSNorm normalizes in float32, casts back, then scales;
+- the fused FFN ``up`` weight is [value; gate] (value half first);
+- plain 1-D RoPE over every token (text and image alike), rotate-half convention, θ = 1e6.
+
+The model holds no cache and no batching policy. It runs a *ragged* batch: the new tokens of several
+sequences concatenated along one axis (T, D), each sequence described by a ``Segment`` that points at
+its own KV cache. Linear layers see all T tokens at once; attention runs per segment, so sequences of
+different lengths never need padding and each gets exactly the result it would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class LayerCache(Protocol):
+    """Per-sequence key/value storage: k[layer], v[layer] have shape (n_kv_heads, capacity, head_dim)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
+@dataclass
+class Segment:
+    cache: LayerCache
+    start: int  # cache position of this segment's first new token (= number of tokens already cached)
+    length: int  # number of new tokens in this segment
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables in float32, grown on demand; rotation done in float32 and cast back."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._cos = self._sin = torch.empty(0)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self._cos.shape[0] < needed:
+            size = max(needed, 2 * self._cos.shape[0], 4096)
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+            angles = torch.outer(torch.arange(size, dtype=torch.float32), inv_freq)
+            emb = torch.cat([angles, angles], dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+        return self._cos[positions], self._sin[positions]  # (T, hd) each
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, hd); cos/sin (T, hd)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)  # rows: Q | K | V
+        self.q_lnorm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_lnorm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.out = nn.Linear(q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rotary(self.q_lnorm(q.view(T, self.n_heads, self.head_dim)), cos, sin)  # (T, Hq, hd)
+        k = apply_rotary(self.k_lnorm(k.view(T, self.n_kv_heads, self.head_dim)), cos, sin)  # (T, Hkv, hd)
+        v = v.view(T, self.n_kv_heads, self.head_dim)
+        outputs = []
+        offset = 0
+        for seg in segments:
+            s, n = seg.start, seg.length
+            k_cache, v_cache = seg.cache.k[layer], seg.cache.v[layer]  # (Hkv, capacity, hd)
+            k_cache[:, s : s + n] = k[offset : offset + n].transpose(0, 1)
+            v_cache[:, s : s + n] = v[offset : offset + n].transpose(0, 1)
+            qs = q[offset : offset + n].transpose(0, 1)  # (Hq, n, hd)
+            keys, values = k_cache[:, : s + n], v_cache[:, : s + n]
+            if n == 1 or s == 0:
+                y = F.scaled_dot_product_attention(qs, keys, values, is_causal=(n > 1), enable_gqa=True)
+            else:  # new tokens after a cached prefix: causal within the new part, full view of the prefix
+                mask = torch.arange(s + n) <= (s + torch.arange(n))[:, None]
+                y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+            outputs.append(y.transpose(0, 1).reshape(n, -1))
+            offset += n
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        return self.out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)  # rows: value | gate
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attn_lnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_lnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.ffn = MLP(cfg)
+
+    def forward(self, x, cos, sin, segments, layer):
+        x = x + self.attn(self.attn_lnorm(x), cos, sin, segments, layer)
+        return x + self.ffn(self.ffn_lnorm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.new_embedding = nn.Parameter(torch.empty(cfg.additional_vocab_size, cfg.hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        base = self.embedding.shape[0]
+        extra = ids >= base
+        if not bool(extra.any()):
+            return F.embedding(ids, self.embedding)
+        out = F.embedding(ids.masked_fill(extra, 0), self.embedding)
+        out[extra] = F.embedding(ids[extra] - base, self.new_embedding)
+        return out
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg)
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """x (T, D) input embeddings of the new tokens, positions (T,) → final-norm hidden states (T, D)."""
+        cos, sin = self.rotary.tables(positions)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, segments, i)
+        return self.ln_f(x)

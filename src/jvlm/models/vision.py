@@ -1,0 +1,80 @@
+"""SigLIP2-So400M-style vision tower of jina-vlm.
+
+What is special here:
+- the patch embedding is a Linear over flattened 14×14×3 patches ordered (dy, dx, channel);
+- no CLS token, no pre-LN; learned absolute position table (729 rows for 378-px crops);
+- the connector consumes raw residual-stream outputs of two inner blocks (24 and 18 for the
+  released config), so only the blocks up to the deepest one used are built and run; the
+  post-LN and the top blocks of the checkpoint are never loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * n_heads * head_dim)  # rows: Q | K | V, head-contiguous
+        self.out = nn.Linear(n_heads * head_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3×(B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.attn_lnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.n_heads, cfg.head_dim)
+        self.ffn_lnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.ffn = VisionMLP(cfg.hidden_size, cfg.ffn_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_lnorm(x))
+        return x + self.ffn(self.ffn_lnorm(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.patch_size * cfg.patch_size * 3, cfg.hidden_size)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_layers = cfg.feature_layers
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Parameter(torch.empty(cfg.num_patches, cfg.hidden_size))
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.blocks_needed))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (N, 729, 588) in [-1, 1] → concatenated features of the selected blocks (N, 729, 2·1152)."""
+        x = self.patch_embed.proj(patches.to(self.pos_embed.dtype)) + self.pos_embed
+        outputs: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.layers):
+            x = block(x)
+            if i in self.feature_layers:
+                outputs[i] = x
+        return torch.cat([outputs[i] for i in self.feature_layers], dim=-1)

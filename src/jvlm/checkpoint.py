@@ -100,7 +100,8 @@ def load_model(
                 + "\n  ".join(problems)
             )
 
-        total = sum(expected_numel(expected[t]) for t in plan if t in expected)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        total = sum(expected_numel(expected[t]) for t in plan if t in expected) * itemsize
         done = 0
         state: dict[str, torch.Tensor] = {}
         for target, parts in plan.items():
@@ -118,7 +119,7 @@ def load_model(
                 size = expected[target][0] // len(pieces)
                 tensor = torch.cat([t if t is not None else torch.zeros(size, dtype=dtype) for t in pieces])
             state[target] = tensor.contiguous()
-            done += tensor.numel()
+            done += tensor.nbytes
             if progress:
                 progress(done, total)
         for target in set(expected) - set(state):  # absent fused biases

@@ -62,7 +62,8 @@ def _image_source(part: dict) -> Any:
     else:
         src = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
     if src is None:
-        raise InvalidRequestError(f"an image part has no image (expected an 'image', 'url' or 'path' key): {part!r:.200}")
+        raise InvalidRequestError(
+            f"an image part has no image (expected an 'image', 'url' or 'path' key): {part!r:.200}")
     return src
 
 
@@ -74,7 +75,8 @@ def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
     messages, sources = [], []
     for i, message in enumerate(conversation):
         if not isinstance(message, dict):
-            raise InvalidRequestError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise InvalidRequestError(
+                f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
             raise InvalidRequestError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")

@@ -132,6 +132,8 @@ class Engine:
         self._cond = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.on_vision_progress = None  # optional callback (crops_done, crops_total), e.g. for a CLI bar
+        self.vision_chunk = 1
 
     # ------------------------------------------------------------------ submission / threads
     @property
@@ -239,7 +241,7 @@ class Engine:
             features = self.features.get(image.key)
             if features is None:
                 t0 = time.perf_counter()
-                features = self.model.encode_images(image.inputs.crops, image.inputs.masks)
+                features = self._encode(image.inputs.crops, image.inputs.masks)
                 r.vision_s += time.perf_counter() - t0
                 self.features.put(image.key, features)
             feats.append(features[wanted])
@@ -247,6 +249,16 @@ class Engine:
         if not feats:
             return None, None
         return torch.cat(feats), torch.cat(positions)
+
+    def _encode(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Vision tower + connector, a few crops at a time so progress can be reported."""
+        if self.on_vision_progress is None:
+            return self.model.encode_images(crops, masks)
+        out = []
+        for i in range(0, len(crops), self.vision_chunk):
+            out.append(self.model.encode_images(crops[i:i + self.vision_chunk], masks[i:i + self.vision_chunk]))
+            self.on_vision_progress(min(i + self.vision_chunk, len(crops)), len(crops))
+        return torch.cat(out)
 
     def _prefill(self, r: _Request) -> None:
         r.t_prefill = time.perf_counter()

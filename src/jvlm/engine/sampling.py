@@ -52,7 +52,8 @@ class SamplingParams:
             bad("seed", self.seed, "an integer")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", self.stop, "a tuple of non-empty strings")
-        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
+        k = self.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
             bad("top_logprobs", self.top_logprobs, "an integer in [0, 20]")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs=True")

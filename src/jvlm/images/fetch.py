@@ -150,6 +150,8 @@ def _from_path(path: Path, limits: ImageLimits) -> Image.Image:
             )
         with path.open("rb") as f:
             data = f.read(limits.max_bytes + 1)
+    except JvlmError:
+        raise
     except (OSError, ValueError) as exc:  # permissions, NUL in the name, name too long, ...
         raise ImageError(f"cannot read image file {label}: {exc}") from exc
     return _decode(data, label, limits)
@@ -246,7 +248,7 @@ def _fetch_url(url: str, limits: ImageLimits) -> bytes:
 
 def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
     if not data:
-        raise ImageError(f"image {label} is empty (0 bytes)")
+        raise ImageError(f"image {label} is empty")
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(
             f"image {label} is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes"

@@ -33,6 +33,7 @@ __all__ = [
     "axis_tiles",
     "count_image_tokens",
     "fit_max_pixels",
+    "patch_ranks",
     "patchify",
     "preprocess_image",
     "select_tiling",

@@ -63,7 +63,8 @@ class Rotary(nn.Module):
         needed = int(positions.max()) + 1 if positions.numel() else 1
         if self._cos.shape[0] < needed:
             size = max(needed, 2 * self._cos.shape[0], 4096)
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+            inv_freq = 1.0 / (self.theta**exponents)
             angles = torch.outer(torch.arange(size, dtype=torch.float32), inv_freq)
             emb = torch.cat([angles, angles], dim=-1)
             self._cos, self._sin = emb.cos(), emb.sin()

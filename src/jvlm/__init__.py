@@ -9,7 +9,16 @@
 
 from .api import VLM, load
 from .engine.sampling import SamplingParams
-from .engine.types import ChatDelta, ChatResult, Timings, TokenLogprob, TopLogprob, Usage
+from .engine.types import (
+    CandidateScore,
+    ChatDelta,
+    ChatResult,
+    ScoreResult,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from .errors import (
     CheckpointError,
     ContextLengthError,
@@ -24,7 +33,7 @@ from .errors import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "VLM", "load", "SamplingParams", "ChatDelta", "ChatResult", "Timings", "TokenLogprob", "TopLogprob", "Usage",
-    "CheckpointError", "ContextLengthError", "ImageError", "ImageFetchError", "ImageTooLargeError",
-    "InvalidRequestError", "JvlmError", "ModelNotFoundError", "OverloadedError",
+    "VLM", "load", "SamplingParams", "CandidateScore", "ScoreResult", "ChatDelta", "ChatResult", "Timings",
+    "TokenLogprob", "TopLogprob", "Usage", "CheckpointError", "ContextLengthError", "ImageError", "ImageFetchError",
+    "ImageTooLargeError", "InvalidRequestError", "JvlmError", "ModelNotFoundError", "OverloadedError",
 ]

@@ -15,7 +15,7 @@ from .checkpoint import load_model, resolve_dtype
 from .config import JinaVLMConfig
 from .engine.engine import Engine, RequestHandle
 from .engine.sampling import SamplingParams
-from .engine.types import ChatDelta, ChatResult
+from .engine.types import CandidateScore, ChatDelta, ChatResult, ScoreResult, Usage
 from .errors import CheckpointError, InvalidRequestError
 from .hub import DEFAULT_MODEL, resolve_snapshot
 from .images.fetch import ImageLimits
@@ -130,6 +130,28 @@ class VLM:
             return _merge_streams(handles)
         results = [h.result() for h in handles]
         return results if batch else results[0]
+
+    def score(self, conversation: list[dict], candidates: list[str], *, max_crops: int | None = None,
+              max_pixels: int | None = None) -> ScoreResult:
+        """How likely each candidate is as the assistant's answer (e.g. ``["yes", "no"]`` for a closed question).
+
+        The conversation is prefilled once (images encoded once); every candidate is then scored as a forced
+        continuation in one batched forward pass. ``probability`` is normalized among the candidates.
+        """
+        if (not isinstance(candidates, (list, tuple)) or not candidates
+                or not all(isinstance(c, str) and c for c in candidates)):
+            raise InvalidRequestError("candidates must be a non-empty list of non-empty strings")
+        if len(candidates) > 256:
+            raise InvalidRequestError(f"at most 256 candidates can be scored at once, got {len(candidates)}")
+        prompt = self.prepare(conversation, max_crops=max_crops, max_pixels=max_pixels)
+        token_lists = [self.tokenizer.encode(c) for c in candidates]
+        per_token = self.engine.score(prompt, token_lists)
+        totals = torch.tensor([sum(lp) for lp in per_token], dtype=torch.float64)
+        probs = torch.softmax(totals, dim=0).tolist()
+        scored = [CandidateScore(c, float(t), len(lp), p, lp)
+                  for c, t, lp, p in zip(candidates, totals.tolist(), per_token, probs, strict=True)]
+        usage = Usage(len(prompt.ids), prompt.image_tokens, 0)
+        return ScoreResult(scored, usage)
 
     def close(self) -> None:
         self.engine.stop()

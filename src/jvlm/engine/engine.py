@@ -230,10 +230,11 @@ class Engine:
                 self._decode(decoding)
             return bool(admitted or decoding)
 
-    def _image_features(self, r: _Request, start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Features and their positions (relative to ``start``) for image tokens at or after ``start``."""
-        feats, positions = [], []
-        for image in r.prompt.images:
+    def _image_features(self, prompt: Prompt, start: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """Features and their positions (relative to ``start``) for image tokens at or after ``start``,
+        plus the seconds spent in the vision tower (0 when every image came from the feature cache)."""
+        feats, positions, vision_s = [], [], 0.0
+        for image in prompt.images:
             pos = image.positions  # (N, 196)
             wanted = pos >= start
             if not bool(wanted.any()):
@@ -242,13 +243,35 @@ class Engine:
             if features is None:
                 t0 = time.perf_counter()
                 features = self._encode(image.inputs.crops, image.inputs.masks)
-                r.vision_s += time.perf_counter() - t0
+                vision_s += time.perf_counter() - t0
                 self.features.put(image.key, features)
             feats.append(features[wanted])
             positions.append(pos[wanted] - start)
         if not feats:
-            return None, None
-        return torch.cat(feats), torch.cat(positions)
+            return None, None, vision_s
+        return torch.cat(feats), torch.cat(positions), vision_s
+
+    def _run_prompt(self, prompt: Prompt, capacity: int) -> tuple[KVCache, torch.Tensor, int, float]:
+        """Prefill a prompt into a new cache (reusing a cached prefix): → (cache, last logits, cached, vision_s)."""
+        ids = prompt.ids
+        source, n_cached = self.prefixes.lookup(prompt.cache_key())
+        n_cached = min(n_cached, len(ids) - 1)  # always run at least the last token
+        cache = KVCache(self.model.cfg.text, capacity, self.model.dtype)
+        if source is not None and n_cached > 0:
+            cache.copy_prefix(source, n_cached)
+        else:
+            n_cached = 0
+        features, feature_pos, vision_s = self._image_features(prompt, n_cached)
+        new = torch.tensor(ids[n_cached:], dtype=torch.long)
+        logits = self.model(
+            new, torch.arange(n_cached, len(ids)), [Segment(cache, n_cached, len(new))],
+            image_features=features, image_positions=feature_pos, logits_at=torch.tensor([len(new) - 1]),
+        )
+        cache.length = len(ids)
+        self.stats.forward_passes += 1
+        self.stats.prompt_tokens += len(ids)
+        self.stats.cached_prompt_tokens += n_cached
+        return cache, logits[0], n_cached, vision_s
 
     def _encode(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Vision tower + connector, a few crops at a time so progress can be reported."""
@@ -263,32 +286,50 @@ class Engine:
     def _prefill(self, r: _Request) -> None:
         r.t_prefill = time.perf_counter()
         try:
-            ids = r.prompt.ids
-            key = r.prompt.cache_key()
-            source, n_cached = self.prefixes.lookup(key)
-            n_cached = min(n_cached, len(ids) - 1)  # always run at least the last token
-            r.cache = KVCache(self.model.cfg.text, len(ids) + r.budget, self.model.dtype)
-            if source is not None and n_cached > 0:
-                r.cache.copy_prefix(source, n_cached)
-            else:
-                n_cached = 0
-            r.cached_tokens = n_cached
-            features, feature_pos = self._image_features(r, n_cached)
-            new = torch.tensor(ids[n_cached:], dtype=torch.long)
-            logits = self.model(
-                new, torch.arange(n_cached, len(ids)), [Segment(r.cache, n_cached, len(new))],
-                image_features=features, image_positions=feature_pos,
-                logits_at=torch.tensor([len(new) - 1]),
-            )
-            r.cache.length = len(ids)
-            self.stats.forward_passes += 1
-            self.stats.prompt_tokens += len(ids)
-            self.stats.cached_prompt_tokens += n_cached
+            r.cache, logits, r.cached_tokens, r.vision_s = self._run_prompt(r.prompt, len(r.prompt.ids) + r.budget)
             r.prefill_s = time.perf_counter() - r.t_prefill
-            self._accept(r, logits[0])
+            self._accept(r, logits)
         except Exception as e:  # one broken request must not take the others down
             r.error = f"{type(e).__name__}: {e}"
             self._finish(r, "error")
+
+    def score(self, prompt: Prompt, candidates: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of each candidate's tokens as the continuation of ``prompt``.
+
+        One prefill of the prompt (its image encoded once) is shared: each candidate then gets a copy of
+        that cache and all candidates run together in one ragged forward pass.
+        """
+        if any(not c for c in candidates):
+            raise ValueError("every candidate needs at least one token")
+        longest = max(len(c) for c in candidates)
+        if len(prompt.ids) + longest > self.context_length:
+            raise ContextLengthError(
+                f"the prompt ({len(prompt.ids)} tokens) plus the longest candidate ({longest} tokens) does not fit "
+                f"the model's context of {self.context_length} tokens")
+        with self._step_lock, torch.inference_mode():
+            shared, first, _, _ = self._run_prompt(prompt, len(prompt.ids))
+            first_logp = torch.log_softmax(first.float(), dim=-1)
+            out = [[float(first_logp[c[0]])] for c in candidates]
+            rest = [(i, c) for i, c in enumerate(candidates) if len(c) > 1]
+            if rest:
+                ids, positions, segments, rows, offset = [], [], [], [], 0
+                for _, c in rest:
+                    cache = KVCache(self.model.cfg.text, len(prompt.ids) + len(c) - 1, self.model.dtype)
+                    cache.copy_prefix(shared, len(prompt.ids))
+                    feed = c[:-1]  # the logits after token j score token j + 1
+                    ids += feed
+                    positions += range(len(prompt.ids), len(prompt.ids) + len(feed))
+                    segments.append(Segment(cache, len(prompt.ids), len(feed)))
+                    rows.append((offset, len(feed)))
+                    offset += len(feed)
+                logits = self.model(torch.tensor(ids), torch.tensor(positions), segments,
+                                    logits_at=torch.arange(offset))
+                self.stats.forward_passes += 1
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                for (i, c), (start, n) in zip(rest, rows, strict=True):
+                    out[i] += [float(logp[start + j, c[j + 1]]) for j in range(n)]
+            self.prefixes.store(prompt.cache_key(), shared)  # a follow-up or a re-score starts from here
+            return out
 
     def _decode(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()

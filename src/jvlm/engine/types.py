@@ -68,3 +68,22 @@ class ChatDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     result: ChatResult | None = None
+
+
+@dataclass
+class CandidateScore:
+    text: str
+    logprob: float  # total log-probability of the candidate's tokens as the assistant's answer
+    num_tokens: int
+    probability: float  # normalized among the candidates: softmax of their total logprobs
+    token_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ScoreResult:
+    candidates: list[CandidateScore]
+    usage: Usage
+
+    @property
+    def best(self) -> CandidateScore:
+        return max(self.candidates, key=lambda c: c.logprob)

@@ -79,8 +79,9 @@ class RequestHandle:
         return self._result is not None
 
     def cancel(self) -> None:
+        """Stop generating; the KV cache is freed now (or at the engine thread's next step)."""
         self._request.cancelled = True
-        self._engine._wake()
+        self._engine._cancel(self._request)
 
     def __iter__(self) -> Iterator[ChatDelta]:
         while self._result is None:
@@ -164,6 +165,16 @@ class Engine:
             self.stats.requests += 1
             self._cond.notify()
         return RequestHandle(self, request)
+
+    def _cancel(self, request: _Request) -> None:
+        if self.running_in_background:
+            self._wake()
+            return
+        with self._step_lock:  # nobody else is stepping: finish it here instead of waiting for a step
+            with self._lock:
+                if request in self._waiting:
+                    self._waiting.remove(request)
+            self._finish(request, "cancelled")
 
     def _wake(self) -> None:
         with self._cond:

@@ -69,6 +69,13 @@ def runs_table(w: Path) -> dict[str, dict]:
         "json": dict(cmd=CLI + ["chat", "-m", tiny, "--json", "--system", "Answer briefly.", "-p", "Hello!",
                                 "-p", "Name three colours.", "--max-tokens", "6"]),
         "autodetect_stdin": dict(cmd=CLI + ["chat", "--max-tokens", "5"], cwd=tiny, input="Say hi.\n"),
+        "logprobs": dict(cmd=CLI + ["chat", "-m", tiny, "--json", "-p", "Hi", "--max-tokens", "3",
+                                    "--logprobs", "2"]),
+        "choices": dict(cmd=CLI + ["chat", *one[:4], "-p", "Is it red?", "--choices", "yes,no"]),
+        "choices_json": dict(cmd=CLI + ["chat", *one[:4], "-p", "Is it red?", "--choices", "yes, no ,maybe",
+                                        "--json"]),
+        "err_choices": dict(cmd=CLI + [*chat, "--choices", "yes"], code=EXIT_USAGE, word="--choices"),
+        "err_logprobs": dict(cmd=CLI + [*chat, "--logprobs", "21"], code=EXIT_USAGE, word="--logprobs"),
         "write_tiny": dict(cmd=CLI + ["write-tiny", str(w / "written"), "--seed", "0"]),
         "help": dict(cmd=CLI + ["--help"]),
         "help_infer": dict(cmd=INFER + ["--help"]),
@@ -221,7 +228,7 @@ def test_errors_are_one_line_with_an_exit_code(runs, name):
     assert "Traceback" not in p.stderr and p.stdout == ""
     error_lines = [line for line in p.stderr.splitlines() if "error: " in line]
     assert len(error_lines) == 1 and spec["word"] in error_lines[0], p.stderr
-    if name != "err_bad_flag":  # argparse adds its usage lines; ours are one line exactly
+    if name not in ("err_bad_flag", "err_logprobs"):  # argparse adds its usage lines; ours are one line
         assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
 
 
@@ -281,3 +288,24 @@ def test_interactive_session(workdir):
     long.expect(pexpect.EOF)
     long.close()
     assert long.exitstatus == 0
+
+
+def test_logprobs_in_json_output(runs):
+    record = json.loads(ok(runs, "logprobs").stdout)
+    entries = record["logprobs"]
+    assert len(entries) == record["usage"]["completion_tokens"]
+    for e in entries:
+        assert e["logprob"] <= 0 and len(e["top_logprobs"]) == 2
+        assert e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"] >= -1e9
+        assert e["logprob"] <= e["top_logprobs"][0]["logprob"] + 1e-6
+
+
+def test_choices_print_probabilities_instead_of_generating(runs):
+    out = ok(runs, "choices").stdout
+    found = dict(re.findall(r"^\s+(yes|no)\s+(\d+\.\d\d)%", out, flags=re.M))
+    assert set(found) == {"yes", "no"}
+    assert abs(sum(float(v) for v in found.values()) - 100) < 0.02
+    assert "Response" not in out
+    record = json.loads(ok(runs, "choices_json").stdout)
+    assert [c["text"] for c in record["choices"]] == ["yes", "no", "maybe"]
+    assert abs(sum(c["probability"] for c in record["choices"]) - 1) < 1e-9

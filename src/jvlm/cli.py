@@ -55,6 +55,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def top_logprobs_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 20, got {text!r}") from None
+    if not 0 <= value <= 20:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 20, got {value}")
+    return value
+
+
+def parse_choices(text: str) -> list[str]:
+    choices = [c.strip() for c in text.split(",")]
+    if len(choices) < 2 or not all(choices):
+        raise UsageError(f"--choices needs at least two non-empty, comma-separated answers, got {text!r}")
+    return choices
+
+
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="snapshot directory or hub id (default: the current directory when it "
                    f"holds config.json, else {DEFAULT_MODEL} from the Hugging Face cache)")
@@ -74,6 +91,11 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true", help="print answers token by token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per conversation (text, usage, timings) and nothing else")
+    p.add_argument("--logprobs", type=top_logprobs_count, metavar="N",
+                   help="add per-token log-probabilities (and the N most likely alternatives, 0-20) to --json output")
+    p.add_argument("--choices", metavar="A,B,...",
+                   help="score these comma-separated candidate answers and print each one's probability "
+                        "instead of generating (e.g. --choices yes,no)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -205,6 +227,12 @@ def json_record(i: int, prompt: str, labels: list[str], result) -> dict:
               "usage": {"prompt_tokens": u.prompt_tokens, "image_tokens": u.image_tokens,
                         "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens},
               "timings": {**asdict(result.timings), "tokens_per_s": result.tokens_per_s}}
+    if result.logprobs is not None:
+        record["logprobs"] = [
+            {"token": e.token, "token_id": e.token_id, "logprob": e.logprob,
+             "top_logprobs": [{"token": t.token, "token_id": t.token_id, "logprob": t.logprob}
+                              for t in e.top_logprobs]}
+            for e in result.logprobs]
     if result.error:
         record["error"] = result.error
     return record
@@ -252,7 +280,8 @@ def chat_main(args: argparse.Namespace) -> int:
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     SamplingParams(**sampling)  # validate now, before the model loads
-    interactive = not args.prompt and sys.stdin.isatty() and not args.json
+    choices = parse_choices(args.choices) if args.choices else None
+    interactive = not args.prompt and sys.stdin.isatty() and not args.json and not choices
     prompts = list(args.prompt)
     if not prompts and not interactive:
         prompts = [sys.stdin.read().strip()]
@@ -276,7 +305,11 @@ def chat_main(args: argparse.Namespace) -> int:
             return interactive_chat(vlm, args, images, labels, SamplingParams(**sampling), progress)
         if progress.enabled:
             vlm.engine.on_vision_progress = progress.vision
+        if choices:
+            return run_choices(vlm, args, prompts, images, labels, choices)
         options = dict(sampling, max_crops=args.max_crops, max_pixels=args.max_pixels)
+        if args.logprobs is not None:
+            options.update(logprobs=True, top_logprobs=args.logprobs)
         return run_batch(vlm, args, prompts, images, labels, options)
     finally:
         progress.stop()
@@ -324,6 +357,27 @@ def run_batch(vlm, args, prompts: list[str], images: list, labels: list[str], op
     for i, error in failed:
         print(f"error: conversation {i + 1}: generation failed: {error}", file=sys.stderr)
     return EXIT_ERROR if failed else EXIT_OK
+
+
+def run_choices(vlm, args, prompts: list[str], images: list, labels: list[str], choices: list[str]) -> int:
+    """Closed questions: each candidate's probability as the answer (one shared prefill per conversation)."""
+    out, n = Output(), len(prompts)
+    for i, prompt in enumerate(prompts):
+        conversation = system_messages(args.system) + [user_message(images, prompt)]
+        scored = vlm.score(conversation, choices, max_crops=args.max_crops, max_pixels=args.max_pixels)
+        if args.json:
+            print(json.dumps({"conversation": i + 1, "prompt": prompt, "images": labels,
+                              "choices": [{"text": c.text, "probability": c.probability, "logprob": c.logprob,
+                                           "num_tokens": c.num_tokens} for c in scored.candidates]},
+                             ensure_ascii=False), flush=True)
+            continue
+        if i:
+            out()
+        print_header(out, i, n, labels, prompt, response=False)
+        width = max(len(c.text) for c in scored.candidates)
+        for c in sorted(scored.candidates, key=lambda c: -c.probability):
+            out(f"  {c.text:<{width}}  {100 * c.probability:6.2f}%  (logprob {c.logprob:.4f}, {c.num_tokens} tokens)")
+    return EXIT_OK
 
 
 class DeferredInterrupt:

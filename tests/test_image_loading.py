@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from jvlm.errors import ImageError, ImageFetchError, ImageTooLargeError
-from jvlm.images.fetch import ImageLimits, image_digest, load_image
+from jvlm.images.fetch import ImageLimits, UrlPolicy, image_digest, load_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -243,6 +243,7 @@ def test_byte_limit(tmp_path: Path):
 
 
 PNG = encode(sample())
+LOCAL = UrlPolicy(allow_private=True)  # the test server listens on loopback, refused by the default policy
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -306,34 +307,34 @@ def server():
 
 
 def test_url_ok(server):
-    assert_rgb_equal(load_image(f"{server}/img.png"), sample())
-    assert_rgb_equal(load_image(f"{server}/redirect"), sample())
-    assert_rgb_equal(load_image(f"{server}/octet"), sample())  # generic type: decoded by content
+    assert_rgb_equal(load_image(f"{server}/img.png", policy=LOCAL), sample())
+    assert_rgb_equal(load_image(f"{server}/redirect", policy=LOCAL), sample())
+    assert_rgb_equal(load_image(f"{server}/octet", policy=LOCAL), sample())  # generic type: decoded by content
 
 
 def test_url_http_errors(server):
     with pytest.raises(ImageFetchError, match="404"):
-        load_image(f"{server}/missing.png")
+        load_image(f"{server}/missing.png", policy=LOCAL)
     with pytest.raises(ImageFetchError, match="text/html"):
-        load_image(f"{server}/page")
+        load_image(f"{server}/page", policy=LOCAL)
     with pytest.raises(ImageFetchError, match="redirect"):
-        load_image(f"{server}/loop", limits=ImageLimits(max_redirects=3))
+        load_image(f"{server}/loop", limits=ImageLimits(max_redirects=3), policy=LOCAL)
 
 
 def test_url_size_cap(server):
     limits = ImageLimits(max_bytes=100_000, fetch_timeout=5)
     with pytest.raises(ImageFetchError, match="100,000 bytes"):
-        load_image(f"{server}/big", limits=limits)
+        load_image(f"{server}/big", limits=limits, policy=LOCAL)
     start = time.perf_counter()
     with pytest.raises(ImageFetchError, match="over the limit of 100,000 bytes"):
-        load_image(f"{server}/endless", limits=limits)  # would be a timeout if it kept reading
+        load_image(f"{server}/endless", limits=limits, policy=LOCAL)  # would be a timeout if it kept reading
     assert time.perf_counter() - start < 3
 
 
 def test_url_timeout(server):
     start = time.perf_counter()
     with pytest.raises(ImageFetchError, match="timed out"):
-        load_image(f"{server}/slow", limits=ImageLimits(fetch_timeout=0.3))
+        load_image(f"{server}/slow", limits=ImageLimits(fetch_timeout=0.3), policy=LOCAL)
     assert time.perf_counter() - start < 2
 
 
@@ -341,5 +342,5 @@ def test_url_connection_refused():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
-    with pytest.raises(ImageFetchError, match=f"127.0.0.1:{port}"):
-        load_image(f"http://127.0.0.1:{port}/x.png", limits=ImageLimits(fetch_timeout=2))
+    with pytest.raises(ImageFetchError, match=f"127.0.0.1:{port}.*(ConnectError|refused)"):
+        load_image(f"http://127.0.0.1:{port}/x.png", limits=ImageLimits(fetch_timeout=2), policy=LOCAL)

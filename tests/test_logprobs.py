@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import image_conversation, random_image
 
+from conftest import image_conversation, random_image
 from jvlm.engine.kv_cache import KVCache
 from jvlm.errors import InvalidRequestError
 from jvlm.models.decoder import Segment

@@ -96,6 +96,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--choices", metavar="A,B,...",
                    help="score these comma-separated candidate answers and print each one's probability "
                         "instead of generating (e.g. --choices yes,no)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let -i URLs point at loopback / private / link-local addresses (refused by default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -257,11 +259,12 @@ def expand_images(specs: list[str]) -> list[str]:
     return sources
 
 
-def load_images(sources: list[str]) -> list:
+def load_images(sources: list[str], allow_private_urls: bool = False) -> list:
     """Load each image once, before the model: errors come fast, and URLs are not fetched per prompt."""
-    from jvlm.images.fetch import load_image
+    from jvlm.images.fetch import UrlPolicy, load_image
 
-    return [load_image(s) for s in sources]
+    policy = UrlPolicy(allow_private=allow_private_urls)
+    return [load_image(s, policy=policy) for s in sources]
 
 
 def user_message(images: list, text: str) -> dict:
@@ -288,7 +291,7 @@ def chat_main(args: argparse.Namespace) -> int:
         if not prompts[0]:
             raise UsageError("no prompt: pass -p/--prompt, or pipe the prompt on stdin")
     labels = expand_images(args.image)
-    images = load_images(labels)
+    images = load_images(labels, args.allow_private_urls)
 
     model = args.model or ("." if Path("config.json").is_file() else DEFAULT_MODEL)
     progress = StderrProgress()
@@ -437,7 +440,7 @@ def interactive_chat(vlm, args, images: list, labels: list[str], params, progres
                 sources = expand_images([argument.strip().strip("'\"")] if argument.strip() else [])
                 if not sources:
                     raise UsageError("usage: /image PATH (a path, http(s) URL or glob pattern)")
-                new = load_images(sources)
+                new = load_images(sources, args.allow_private_urls)
             except (UsageError, JvlmError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .errors import ImageError, InvalidRequestError
-from .images.fetch import ImageLimits, image_digest, load_image
+from .images.fetch import ImageLimits, UrlPolicy, image_digest, load_image
 from .images.tiling import ImageInputs, ImageProcessorConfig, ImageTokenIds, preprocess_image
 from .tokenizer import TextTokenizer
 
@@ -67,6 +67,15 @@ def _image_source(part: dict) -> Any:
     return src
 
 
+def _check_text(text: str, where: str) -> str:
+    """Lone surrogates (e.g. a JSON "\\ud800" escape) are valid Python str but not text the tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{where} is not valid Unicode text (a lone surrogate at {e.start})") from None
+    return text
+
+
 def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
     """Validate the list-of-messages format; return template messages (images as placeholders) and the
     image sources in order of appearance."""
@@ -82,7 +91,7 @@ def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
             raise InvalidRequestError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         content = message.get("content")
         if isinstance(content, str):
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": _check_text(content, f"message {i} content")})
             continue
         if not isinstance(content, list):
             raise InvalidRequestError(f"message {i} content must be a string or a list of parts, got "
@@ -97,7 +106,7 @@ def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise InvalidRequestError(f"message {i} has a text part without a string 'text'")
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": _check_text(part["text"], f"message {i} text")})
             elif kind in ("image", "image_url"):
                 if role == "system":
                     raise InvalidRequestError("images are not allowed in system messages")
@@ -112,17 +121,18 @@ def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
 
 class Processor:
     def __init__(self, tokenizer: TextTokenizer, image_config: ImageProcessorConfig, context_length: int,
-                 image_limits: ImageLimits | None = None):
+                 image_limits: ImageLimits | None = None, url_policy: UrlPolicy | None = None):
         self.tokenizer = tokenizer
         self.image_config = image_config
         self.context_length = context_length
         self.image_limits = image_limits or ImageLimits()
+        self.url_policy = url_policy or UrlPolicy()  # safe by default: public hosts only, local paths allowed
         ids = tokenizer.image_ids
         self.token_ids = ImageTokenIds(patch=ids["<im_patch>"], start=ids["<im_start>"], end=ids["<im_end>"],
                                        col=ids["<im_col>"])
 
     def load_images(self, sources: list[Any], loader: Callable[[Any], Image.Image] | None = None) -> list[Image.Image]:
-        loader = loader or (lambda s: load_image(s, limits=self.image_limits))
+        loader = loader or (lambda s: load_image(s, limits=self.image_limits, policy=self.url_policy))
         return [loader(s) for s in sources]
 
     def __call__(

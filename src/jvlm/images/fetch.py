@@ -1,9 +1,11 @@
 """Turn any image source (path, URL, data URI, bytes, PIL image) into a fully loaded RGB image.
 
 Everything that can go wrong raises a typed error from ``jvlm.errors`` naming the source, so the
-CLI and the server can report it without inspecting PIL or httpx exceptions. Size limits are
+CLI and the server can report it without inspecting PIL or network exceptions. Size limits are
 checked before pixels are decoded: byte counts from the file size / streamed body, pixel counts
-from the header that ``Image.open`` reads lazily.
+from the header that ``Image.open`` reads lazily. Only a short list of common decoders is tried
+(``ImageLimits.formats``), which keeps rarely exercised parsers (and EPS, which runs Ghostscript)
+away from untrusted bytes. Which URLs and files may be reached is a ``UrlPolicy`` (see ``safe_http``).
 """
 
 from __future__ import annotations
@@ -14,26 +16,28 @@ import hashlib
 import io
 import os
 import re
-import time
+import stat
 import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image, ImageOps
 
-from jvlm.errors import ImageError, ImageFetchError, ImageTooLargeError, JvlmError
+from jvlm.errors import ImageError, ImageTooLargeError, JvlmError
+from jvlm.images import safe_http
+from jvlm.images.safe_http import UrlPolicy
 
-__all__ = ["ImageLimits", "ImageSource", "image_digest", "load_image", "to_rgb"]
+__all__ = ["DEFAULT_FORMATS", "ImageLimits", "ImageSource", "UrlPolicy", "image_digest", "load_image", "to_rgb"]
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image
 
 # A URI scheme needs 2+ characters so that Windows drive letters ("C:\\x.png") stay paths.
 _SCHEME_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]+):")
-# Content types some servers use for images although they are not image/*.
-_GENERIC_CONTENT_TYPES = {"application/octet-stream", "binary/octet-stream"}
+# Web and camera formats. Unknown names are skipped (AVIF / HEIF need a recent Pillow or a plugin).
+DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF", "HEIF", "ICO", "PPM")
+_DEFAULT_POLICY = UrlPolicy()
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -42,9 +46,10 @@ class ImageLimits:
     """Caps that protect the process from hostile or accidental huge inputs."""
 
     max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000  # declared width x height, checked before decoding
-    fetch_timeout: float = 10.0  # seconds: per network operation and for the whole download
+    max_pixels: int = 50_000_000  # declared width x height, checked before decoding (Pillow refuses > ~179M itself)
+    fetch_timeout: float = 10.0  # seconds, for the whole download: DNS, connect, redirects, body
     max_redirects: int = 5
+    formats: tuple[str, ...] | None = DEFAULT_FORMATS  # Pillow decoders tried; None = every installed one
 
     def __post_init__(self) -> None:  # a bad setting is a programming error, hence ValueError
         for name in ("max_bytes", "max_pixels"):
@@ -55,32 +60,42 @@ class ImageLimits:
             raise ValueError(f"ImageLimits.fetch_timeout must be > 0, got {self.fetch_timeout!r}")
         if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
             raise ValueError(f"ImageLimits.max_redirects must be >= 0, got {self.max_redirects!r}")
+        if self.formats is not None:
+            if isinstance(self.formats, str) or not self.formats or not all(isinstance(f, str) for f in self.formats):
+                raise ValueError(f"ImageLimits.formats must be format names or None, got {self.formats!r}")
+            object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
 
 
-def load_image(source: ImageSource, *, limits: ImageLimits | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource, *, limits: ImageLimits | None = None, policy: UrlPolicy | None = None
+) -> Image.Image:
     """Load ``source`` as an RGB, EXIF-oriented, fully decoded ``PIL.Image.Image``.
 
     Args:
         source: a filesystem path (``str`` / ``os.PathLike``), an ``http(s)://`` URL, a
-            ``data:image/...;base64,...`` URI, raw encoded bytes, or a ``PIL.Image.Image``
-            (copied, never modified).
-        limits: byte / pixel / network caps; defaults to ``ImageLimits()``.
+            ``data:image/...;base64,...`` URI, a ``file:`` URL (only under ``policy.allow_file_dir``),
+            raw encoded bytes, or a ``PIL.Image.Image`` (copied, never modified).
+        limits: byte / pixel / time / format caps; defaults to ``ImageLimits()``.
+        policy: what may be reached; defaults to ``UrlPolicy()``: public http(s) hosts only (loopback,
+            private, link-local... refused), no ``file:`` URLs, local paths allowed.
 
     Raises:
-        ImageError: unreadable, missing or malformed source, unsupported scheme or type.
+        ImageError: unreadable, missing or malformed source, unsupported scheme, type or format.
         ImageTooLargeError: over ``max_bytes`` or ``max_pixels``.
-        ImageFetchError: a URL that cannot be fetched (network, HTTP status, content type, size).
+        ImageFetchError: a URL that is refused by the policy or cannot be fetched (network, time,
+            HTTP status, redirects, content type, size).
     """
     limits = limits or ImageLimits()
+    policy = policy or _DEFAULT_POLICY
     if isinstance(source, Image.Image):
         return _from_pil(source, limits)
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         return _decode(data, f"<{len(data)} bytes>", limits)
     if isinstance(source, os.PathLike):
-        return _from_path(Path(source), limits)
+        return _from_local_path(Path(source), limits, policy)
     if isinstance(source, str):
-        return _from_string(source, limits)
+        return _from_string(source, limits, policy)
     raise ImageError(
         f"unsupported image source type {type(source).__name__}: expected a path, URL, data URI, "
         "bytes or PIL.Image.Image"
@@ -118,32 +133,75 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # sources
 
 
-def _from_string(source: str, limits: ImageLimits) -> Image.Image:
+def _from_string(source: str, limits: ImageLimits, policy: UrlPolicy) -> Image.Image:
     if not source:
         raise ImageError("empty image source string")
-    lowered = source[:11].lower()
-    if lowered.startswith("data:"):
-        return _from_data_uri(source, limits)
-    if lowered.startswith(("http://", "https://")):
-        return _decode(_fetch_url(source, limits), _short(source), limits)
     match = _SCHEME_RE.match(source)
-    if match:
-        raise ImageError(
-            f"unsupported image URL scheme {match.group(1)!r} in {_short(source)}: "
-            "use http(s)://, data:image/... or a local path"
+    if not match:
+        return _from_local_path(Path(source), limits, policy)
+    scheme = match.group(1).lower()
+    if scheme == "data":
+        return _from_data_uri(source, limits)
+    if scheme in ("http", "https"):
+        data = safe_http.fetch(
+            source, policy=policy, max_bytes=limits.max_bytes, timeout=limits.fetch_timeout,
+            max_redirects=limits.max_redirects,
         )
-    return _from_path(Path(source), limits)
+        return _decode(data, _short(source), limits)
+    if scheme == "file" and policy.allow_file_dir is not None:
+        return _from_file_url(source, limits, policy.allow_file_dir)
+    raise ImageError(
+        f"unsupported image URL scheme {match.group(1)!r} in {_short(source)}: use http(s)://, "
+        "data:image/... or a local path (file: URLs only inside an allowed directory)"
+    )
+
+
+def _from_local_path(path: Path, limits: ImageLimits, policy: UrlPolicy) -> Image.Image:
+    if not policy.allow_local_paths:
+        raise ImageError(
+            f"local file paths are not accepted here ({_short(str(path))}): use http(s):// or data:image/... URLs"
+        )
+    try:
+        path = path.expanduser()
+    except (RuntimeError, ValueError) as exc:  # "~name" of an unknown user, no home, unencodable name
+        raise ImageError(f"cannot read image file {_short(str(path))}: {exc}") from exc
+    return _from_path(path, limits)
+
+
+def _from_file_url(url: str, limits: ImageLimits, root: Path) -> Image.Image:
+    """A ``file:`` URL, served only if the file resolves (symlinks, ``..``) inside ``root``."""
+    label = _short(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "file://[x"
+        raise ImageError(f"malformed file: URL {label}: {exc}") from exc
+    if parts.netloc not in ("", "localhost"):
+        raise ImageError(f"file: URL {label} names a remote host {parts.netloc!r}")
+    path = Path(urllib.parse.unquote(parts.path))
+    if not path.is_absolute():
+        raise ImageError(f"file: URL {label} does not name an absolute path")
+    try:
+        resolved, base = path.resolve(strict=True), root.resolve(strict=True)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {label}") from None
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL in the name, symlink loop, permissions
+        raise ImageError(f"cannot read image file {label}: {exc}") from exc
+    if not resolved.is_relative_to(base):  # after resolving: "..", symlinks and %2e%2e cannot escape
+        raise ImageError(f"file: URL {label} is outside the allowed image directory")
+    return _from_path(resolved, limits)
 
 
 def _from_path(path: Path, limits: ImageLimits) -> Image.Image:
-    path = path.expanduser()
     label = _short(str(path))
     try:
         if path.is_dir():
             raise ImageError(f"image path is a directory, not a file: {label}")
         if not path.exists():
             raise ImageError(f"image file not found: {label}")
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise ImageError(f"image path is not a regular file: {label}")
+        size = st.st_size
         if size > limits.max_bytes:
             raise ImageTooLargeError(
                 f"image file {label} is {size:,} bytes, over the limit of {limits.max_bytes:,} bytes"
@@ -179,7 +237,10 @@ def _from_data_uri(uri: str, limits: ImageLimits) -> Image.Image:
         except (binascii.Error, ValueError) as exc:
             raise ImageError(f"invalid base64 in data URI {label}: {exc}") from exc
     else:  # RFC 2397 allows percent-encoded payloads
-        data = urllib.parse.unquote_to_bytes(payload)
+        try:
+            data = urllib.parse.unquote_to_bytes(payload)
+        except UnicodeEncodeError as exc:  # lone surrogates (JSON "\ud800") are not URI text
+            raise ImageError(f"invalid characters in data URI {label}: {exc.reason}") from exc
     return _decode(data, label, limits)
 
 
@@ -198,50 +259,6 @@ def _from_pil(image: Image.Image, limits: ImageLimits) -> Image.Image:
     return rgb
 
 
-def _fetch_url(url: str, limits: ImageLimits) -> bytes:
-    """Stream ``url`` into memory, stopping as soon as the body goes over ``max_bytes``."""
-    label = _short(url)
-    deadline = time.monotonic() + limits.fetch_timeout
-    try:
-        with httpx.Client(
-            follow_redirects=True, max_redirects=limits.max_redirects, timeout=limits.fetch_timeout
-        ) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
-                if resp.status_code >= 400:
-                    raise ImageFetchError(
-                        f"fetching image {label} failed: HTTP {resp.status_code} {resp.reason_phrase}"
-                    )
-                ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-                if ctype and not ctype.startswith("image/") and ctype not in _GENERIC_CONTENT_TYPES:
-                    raise ImageFetchError(f"URL {label} did not return an image (content-type {ctype!r})")
-                declared = resp.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limits.max_bytes:
-                    raise ImageFetchError(
-                        f"image at {label} is {int(declared):,} bytes, over the limit of "
-                        f"{limits.max_bytes:,} bytes"
-                    )
-                chunks, total = [], 0
-                for chunk in resp.iter_bytes():
-                    total += len(chunk)
-                    if total > limits.max_bytes:
-                        raise ImageFetchError(
-                            f"image at {label} is over the limit of {limits.max_bytes:,} bytes "
-                            f"(stopped reading after {total:,})"
-                        )
-                    if time.monotonic() > deadline:
-                        raise httpx.ReadTimeout("download took too long")
-                    chunks.append(chunk)
-    except httpx.TimeoutException as exc:
-        raise ImageFetchError(
-            f"fetching image {label} timed out after {limits.fetch_timeout:g}s ({exc})"
-        ) from exc
-    except httpx.TooManyRedirects as exc:
-        raise ImageFetchError(f"fetching image {label} exceeded {limits.max_redirects} redirects") from exc
-    except httpx.HTTPError as exc:  # connection refused, DNS, protocol errors, bad redirect target
-        raise ImageFetchError(f"fetching image {label} failed: {type(exc).__name__}: {exc}") from exc
-    return b"".join(chunks)
-
-
 # --------------------------------------------------------------------------------------------
 # decoding
 
@@ -258,20 +275,29 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
         # (catch_warnings is process-global; at worst a racing thread keeps this ignore filter.)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            image = Image.open(io.BytesIO(data), formats=_formats(limits))  # reads the header only
             _check_pixels(image.size, label, limits)
             image.load()  # frame 0 of animated images
+            _check_pixels(image.size, label, limits)  # a few decoders only know the final size now
             rgb = to_rgb(_orient(image))
     except JvlmError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image {label} is too large: {exc}") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageError(f"image {label} is not a recognised image format") from exc
+        known = "" if limits.formats is None else f"; accepted: {', '.join(_formats(limits))}"
+        raise ImageError(f"image {label} is not a recognised image format (or its header is damaged{known})") from exc
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, ValueError, ...
         raise ImageError(f"cannot decode image {label}: {type(exc).__name__}: {exc}") from exc
     rgb.load()
     return rgb
+
+
+def _formats(limits: ImageLimits) -> list[str] | None:
+    if limits.formats is None:
+        return None
+    Image.init()
+    return [f for f in limits.formats if f in Image.OPEN]
 
 
 def _check_pixels(size: tuple[int, int], label: str, limits: ImageLimits) -> None:

@@ -43,7 +43,7 @@ class EngineStats:
     decode_s: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `r in self._running` must not compare prompts (and their tensors)
 class _Request:
     index: int
     prompt: Prompt
@@ -210,7 +210,12 @@ class Engine:
                     self._cond.wait(timeout=1.0)
             if self._stopping:
                 break
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug must not stop the thread every request waits on: fail the batch
+                for r in list(self._running):
+                    r.error = f"{type(e).__name__}: {e}"
+                    self._finish(r, "error")
         # drain: anything left gets a final event so no client waits forever
         for r in list(self._waiting) + list(self._running):
             self._finish(r, "cancelled")
@@ -221,6 +226,12 @@ class Engine:
     def step(self) -> bool:
         with self._step_lock, torch.inference_mode():
             for r in [r for r in self._running if r.cancelled]:
+                self._finish(r, "cancelled")
+            with self._lock:  # a cancelled request leaves the queue now, even when the batch is full
+                dropped = [r for r in self._waiting if r.cancelled]
+                for r in dropped:
+                    self._waiting.remove(r)
+            for r in dropped:
                 self._finish(r, "cancelled")
             admitted = []
             while len(self._running) < self.max_batch:
@@ -359,7 +370,11 @@ class Engine:
         self.stats.decode_s += time.perf_counter() - t0
         for r, row in zip(batch, logits, strict=True):
             r.cache.length += 1
-            self._accept(r, row)
+            try:
+                self._accept(r, row)
+            except Exception as e:  # e.g. its sampler failing: only this request ends
+                r.error = f"{type(e).__name__}: {e}"
+                self._finish(r, "error")
 
     # ------------------------------------------------------------------ tokens → text → events
     def _accept(self, r: _Request, logits: torch.Tensor) -> None:

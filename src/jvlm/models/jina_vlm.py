@@ -31,10 +31,13 @@ class JinaVLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.embedding.embedding.dtype
+        """The compute dtype (activations, KV cache); weights may be stored narrower (engine/quant.py)."""
+        return self.decoder.ln_f.weight.dtype
 
     def encode_images(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """crops (N, 729, 588), masks (N, 729) → features (N, 196, D) in the model dtype."""
+        if len(crops) > 1:  # one crop at a time: its activations fit in the CPU caches (faster, less memory)
+            return torch.cat([self.encode_images(crops[i:i + 1], masks[i:i + 1]) for i in range(len(crops))])
         keep = ~(crops == -1).flatten(1).all(dim=1)  # an all −1 crop is padding (also a black crop, as upstream)
         features = self.vision(crops)
         features = features * keep.to(features.dtype)[:, None, None]

@@ -1,0 +1,203 @@
+"""Weight formats: the quantized / packed linear kernels against float references, each format against
+float32 on the same (tiny, random) weights with explicit bounds, and the loader's memory discipline."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import jvlm
+from conftest import image_conversation, random_image
+from jvlm import checkpoint
+from jvlm.engine import quant
+from jvlm.engine.kv_cache import KVCache
+from jvlm.errors import InvalidRequestError
+from jvlm.models.decoder import Segment
+
+# Bounds of each format against float32 on the tiny checkpoint (measured: bf16 ≈ 1.0% / 1.5% max,
+# int8 ≈ 2.0% / 3.1% max relative error of logits; top-1 agreement ≈ 95% / 93%). The README quotes them.
+BOUNDS = {  # format: (relative error of final hidden states and of logits, mean teacher-forced top-1 agreement)
+    "bfloat16": (0.03, 0.85),
+    "int8": (0.06, 0.85),
+}
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "1, 2, 3, 4, 5,", "Grüße aus Berlin — 你好，世界。", "The quick brown fox jumps over the lazy dog."]
+
+BACKENDS = ["fbgemm", "torch"] if quant.fbgemm_available() else ["torch"]
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def make_int8(w, bias=None, backend=None):
+    m = quant.Int8Linear(w.shape[1], w.shape[0], bias is not None)
+    m.load_weight(lambda a, b: w[a:b], 16, backend)
+    if bias is not None:
+        m.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return m
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("M", [1, 3, 8, 300])  # decode-sized and prefill-sized calls take different kernels
+@pytest.mark.parametrize("K", [64, 72])  # 72: not a multiple of 16 (the weight-only kernel's limit)
+def test_int8_linear_matches_float_reference(backend, M, K):
+    g = torch.Generator().manual_seed(M * K)
+    w, b = torch.randn(96, K, generator=g) / K**0.5, 0.1 * torch.randn(96, generator=g)
+    x = torch.randn(M, K, generator=g)
+    m = make_int8(w, b, backend)
+    with torch.inference_mode():
+        y = m(x)
+        assert y.shape == (M, 96) and y.dtype == torch.float32
+        # the weight's own rounding: per-channel int8 keeps each row within half a step
+        step = w.abs().amax(1, keepdim=True) / 127
+        assert bool(((m.dequantized_weight() - w).abs() <= step / 2 + 1e-7).all())
+        assert rel(y, F.linear(x, m.dequantized_weight(), b)) < 0.02  # activation quantization only
+        assert rel(y, F.linear(x, w, b)) < 0.03  # both
+        assert rel(m(x[None]).squeeze(0), y) == 0.0  # leading dims are only a view
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int8_quantizes_activations_per_token(backend):
+    """A token with huge activations (an outlier) must not cost the other tokens of the call their precision,
+    and a token's result stays close to what it gets alone."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 64, generator=g) / 8
+    x = torch.randn(12, 64, generator=g)
+    x[5] *= 1000.0
+    m = make_int8(w, backend=backend)
+    with torch.inference_mode():
+        y = m(x)
+        exact = F.linear(x, m.dequantized_weight())
+        for i in range(12):
+            assert rel(y[i], exact[i]) < 0.02, i
+            assert rel(y[i], m(x[i:i + 1])[0]) < 0.02, i
+
+
+def test_int8_tall_weight_is_packed_in_blocks(monkeypatch):
+    if not quant.fbgemm_available():
+        pytest.skip("FBGEMM not available")
+    monkeypatch.setattr(quant.Int8Linear, "PACK_BLOCK_BYTES", 64 * 100)  # 100 rows of K=64 per block
+    w = torch.randn(350, 64)
+    m = make_int8(w)
+    assert len(m.packed) == 4
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert rel(m(x), F.linear(x, w)) < 0.03
+        assert rel(m(x[:1]), F.linear(x[:1], w)) < 0.03
+
+
+def test_packed_bf16_linear_matches_f_linear():
+    w, b = torch.randn(80, 48).bfloat16(), torch.randn(80).bfloat16()
+    m = quant.PackedLinear(48, 80, True)
+    m.load_weight(lambda a, c: w[a:c], 16)
+    m.bias = torch.nn.Parameter(b, requires_grad=False)
+    with torch.inference_mode():
+        for M in (1, 5, 200):
+            x = torch.randn(M, 48).bfloat16()
+            assert rel(m(x), F.linear(x, w, b)) < 1e-2
+        assert rel(m.dequantized_weight(), w) < 1e-2
+
+
+def test_format_names():
+    assert quant.resolve_format("bf16").name == "bfloat16"
+    assert quant.resolve_format(torch.float32).name == "float32"
+    assert quant.resolve_format("INT8").name == "int8"
+    with pytest.raises(InvalidRequestError, match="int8"):
+        jvlm.load("/nonexistent", dtype="int3")
+
+
+# ----------------------------------------------------------------------------------------- formats vs float32
+@pytest.fixture(scope="module")
+def formats(tiny_dir, vlm):
+    out = {"float32": vlm, "bfloat16": jvlm.load(tiny_dir, dtype="bfloat16"), "int8": jvlm.load(tiny_dir, dtype="int8")}
+    yield out
+    for name in ("bfloat16", "int8"):
+        out[name].close()
+
+
+def forward_all(m, prompt, extra=()):
+    """Final hidden states and logits at every position of prompt + extra tokens (teacher forcing)."""
+    ids = list(prompt.ids) + list(extra)
+    x = m.model.decoder.embedding(torch.tensor(ids))
+    if prompt.images:
+        image = prompt.images[0]
+        features = m.model.encode_images(image.inputs.crops, image.inputs.masks)
+        keep = image.positions >= 0
+        x.index_add_(0, image.positions[keep], features[keep].to(x.dtype))
+    cache = KVCache(m.model.cfg.text, len(ids), m.model.dtype)
+    h = m.model.decoder(x, torch.arange(len(ids)), [Segment(cache, 0, len(ids))])
+    return h.float(), m.model.lm_head(h).float()
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_format_agrees_with_float32(formats, fmt):
+    ref, other = formats["float32"], formats[fmt]
+    bound, min_agreement = BOUNDS[fmt]
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    conversations.append(image_conversation(random_image(640, 480, seed=3), "Describe this image"))
+    agreements = []
+    with torch.inference_mode():
+        for conversation in conversations:
+            prompt = ref.prepare(conversation)
+            continuation = ref.chat(conversation, max_new_tokens=12).token_ids
+            h0, l0 = forward_all(ref, prompt, continuation)
+            h, logits = forward_all(other, prompt, continuation)
+            assert rel(h, h0) < bound and rel(logits, l0) < bound, (conversation, rel(h, h0), rel(logits, l0))
+            n = len(prompt.ids)
+            agreements.append(float((logits[n - 1:-1].argmax(-1) == l0[n - 1:-1].argmax(-1)).float().mean()))
+    assert sum(agreements) / len(agreements) >= min_agreement, agreements
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_format_image_features_agree(formats, fmt):
+    image = formats["float32"].prepare(image_conversation(random_image(800, 600, seed=5))).images[0]
+    with torch.inference_mode():
+        a = formats["float32"].model.encode_images(image.inputs.crops, image.inputs.masks)
+        b = formats[fmt].model.encode_images(image.inputs.crops, image.inputs.masks)
+    assert rel(b, a) < BOUNDS[fmt][0]
+
+
+def test_int8_chat_end_to_end(formats):
+    """The engine runs the int8 model like any other: images, batches, streaming, the prefix cache."""
+    vlm = formats["int8"]
+    assert vlm.model.weight_format == "int8" and vlm.model.dtype == torch.float32
+    photo = random_image(800, 600, seed=1)
+    first = vlm.chat(image_conversation(photo), max_new_tokens=6)
+    assert first.usage.completion_tokens == 6
+    follow = image_conversation(photo) + [{"role": "assistant", "content": first.text},
+                                          {"role": "user", "content": "And then?"}]
+    second = vlm.chat(follow, max_new_tokens=3)
+    assert second.usage.cached_tokens > first.usage.prompt_tokens // 2
+    batch = vlm.chat([[{"role": "user", "content": p}] for p in PROMPTS[:3]], max_new_tokens=4)
+    assert [r.usage.completion_tokens for r in batch] == [4, 4, 4]
+
+
+# ----------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("fmt", ["int8", "bfloat16"])
+def test_loading_converts_block_by_block(tiny_dir, monkeypatch, fmt):
+    """No float32 copy of the model: linear weights are read a block of rows at a time and converted at
+    once; afterwards no float32 weight matrix remains."""
+    reads = []
+    original = checkpoint.SafetensorsFile.read
+
+    def spy(self, name, start=0, stop=None):
+        out = original(self, name, start, stop)
+        reads.append((name, out.nbytes))
+        return out
+
+    monkeypatch.setattr(checkpoint.SafetensorsFile, "read", spy)
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    vlm = jvlm.load(tiny_dir, dtype=fmt)
+    weight_reads = [n for name, n in reads if name.endswith(".weight") and "lnorm" not in name
+                    and n > 1024 and "embedding" not in name]
+    assert weight_reads and max(weight_reads) <= 4096
+    linears = [m for m in vlm.model.modules() if isinstance(m, (quant.Int8Linear, quant.PackedLinear))]
+    assert linears and not any(isinstance(m, torch.nn.Linear) for m in vlm.model.modules())
+    floats = [p for p in vlm.model.parameters() if p.dim() == 2 and p.dtype == torch.float32]
+    if fmt == "int8":  # only small float tables remain (position / padding embeddings); big tables are bf16
+        assert all(p.numel() <= 729 * 64 for p in floats), [p.shape for p in floats]
+        assert vlm.model.decoder.embedding.embedding.dtype == torch.bfloat16
+    else:
+        assert not floats
+    vlm.close()

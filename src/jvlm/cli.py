@@ -87,7 +87,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     p.add_argument("--seed", type=int, help="seed for sampling")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default="float32",
+                   help="weight format: float32 (reference numerics), bfloat16, or int8 (fastest; see README)")
     p.add_argument("--stream", action="store_true", help="print answers token by token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per conversation (text, usage, timings) and nothing else")

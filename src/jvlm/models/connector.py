@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConnectorConfig
+from .decoder import MLP
 
 
 class AttentionPooling(nn.Module):
@@ -37,24 +38,13 @@ class AttentionPooling(nn.Module):
         return self.out(y.reshape(M, H * hd))
 
 
-class Projector(nn.Module):
-    def __init__(self, cfg: ConnectorConfig):
-        super().__init__()
-        self.up = nn.Linear(cfg.hidden_size, 2 * cfg.projector_size, bias=False)  # rows: value | gate
-        self.down = nn.Linear(cfg.projector_size, cfg.output_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * value)
-
-
 class Connector(nn.Module):
     def __init__(self, cfg: ConnectorConfig):
         super().__init__()
         self.cfg = cfg
         self.pad_embed = nn.Parameter(torch.empty(2, cfg.input_size))
         self.pooling = AttentionPooling(cfg)
-        self.projector = Projector(cfg)
+        self.projector = MLP(cfg.hidden_size, cfg.projector_size, cfg.output_size)
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """features (N, 729, C), masks (N, 729) with 1 = real, <1 = (partial) padding → (N, 196, out)."""

@@ -125,8 +125,6 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 256:  # long prefills in blocks of tokens: the (T, 2·ffn) intermediate stays small
-            return torch.cat([self(x[i:i + 256]) for i in range(0, x.shape[0], 256)])
         value, gate = self.up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * value)
 

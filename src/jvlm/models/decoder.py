@@ -119,10 +119,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """SwiGLU without biases (the decoder's FFN and the connector's projector)."""
+
+    def __init__(self, dim: int, hidden: int, out: int | None = None):
         super().__init__()
-        self.up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)  # rows: value | gate
-        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)  # rows: value | gate
+        self.down = nn.Linear(hidden, out or dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.up(x).chunk(2, dim=-1)
@@ -135,7 +137,7 @@ class DecoderBlock(nn.Module):
         self.attn_lnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_lnorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.ffn = MLP(cfg)
+        self.ffn = MLP(cfg.hidden_size, cfg.ffn_size)
 
     def forward(self, x, cos, sin, segments, layer):
         x = x + self.attn(self.attn_lnorm(x), cos, sin, segments, layer)

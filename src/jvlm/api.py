@@ -206,6 +206,7 @@ def load(
     tokenizer = TextTokenizer(snapshot)
     image_config = ImageProcessorConfig.from_dict(_read_json(snapshot / "preprocessor_config.json"))
     generation = GenerationConfig.from_snapshot(snapshot, tokenizer)
+    tune_allocator(loading=True)  # the loader's big temporaries go straight back to the system
     net = load_model(snapshot, cfg, fmt, progress=progress)
     tune_allocator()  # from now on big activations stay in the heap instead of being re-mapped per op
     processor = Processor(tokenizer, image_config, cfg.text.max_sequence_length, image_limits)

@@ -302,7 +302,7 @@ def bandwidth_now() -> float:
             times.append(_now() - t)
         return min(times)
 
-    return memory_bandwidth(best, 256 << 20)["copy_GBps"]
+    return memory_bandwidth(best, 96 << 20)["copy_GBps"]
 
 
 def _wait(cont: Contention, args) -> None:
@@ -363,18 +363,25 @@ def phase_jvlm(args, fmt: str) -> dict:
                prefill_tok_s=prompt_tokens / median(prefill), follow_up_ttft_s=median(follow),
                follow_up_cached_tokens=int(median(cached)), samples_ttft=ttft, samples_follow=follow)
 
+    # the peak RSS of loading, the image prompt and the follow-up (the decode runs below hold far less KV;
+    # their bandwidth probes must not count)
+    out.update(kv_peak_bytes=kv_peak, peak_rss=_peak_rss())
+    bandwidths: list[float] = []
+
     def decode_rate(conversations, tokens) -> float:
         engine.prefixes.clear()
         before_tokens, before_s = engine.stats.decode_tokens, engine.stats.decode_s
+        bandwidths.append(bandwidth_now())  # the host's bandwidth drifts: probe it next to every sample
         chat(conversations, tokens)
+        bandwidths.append(bandwidth_now())
         return (engine.stats.decode_tokens - before_tokens) / (engine.stats.decode_s - before_s)
 
     b1 = [decode_rate(text_prompts(1)[0], decode_tokens) for _ in range(args.repeats)]
+    b1_bandwidth = [(bandwidths[2 * i] + bandwidths[2 * i + 1]) / 2 for i in range(len(b1))]
     b8 = [decode_rate(text_prompts(8), decode_tokens) for _ in range(1 if slow else max(1, args.repeats - 1))]
     out.update(decode_b1_tok_s=median(b1), decode_b8_tok_s=median(b8), samples_b1=b1, samples_b8=b8,
-               decode_tokens=decode_tokens, kv_peak_bytes=kv_peak, peak_rss=_peak_rss(),
-               others_cpu_share=cont.worst, waited_s=cont.waited)
-    out["copy_GBps_at_decode"] = bandwidth_now()  # after reading the peak RSS: its buffers must not count
+               decode_tokens=decode_tokens, others_cpu_share=cont.worst, waited_s=cont.waited,
+               copy_GBps_at_decode=median(b1_bandwidth), samples_b1_copy_GBps=b1_bandwidth)
     return out
 
 
@@ -556,22 +563,110 @@ def phase_reference(args, dtype_name: str) -> dict:
 
         tok = jvlm.tokenizer.TextTokenizer(Path(args.checkpoint))
 
+        out["peak_rss"] = _peak_rss()
+        bandwidths: list[float] = []
+
         def decode_rate(batch: int, tokens: int) -> float:
             texts = [tok.render(c, add_generation_prompt=True) for c in text_prompts(batch)]
             ids = [tok.encode(s) for s in texts]
             n = min(len(i) for i in ids)
             input_ids = torch.tensor([i[:n] for i in ids])  # equal lengths: no padding needed
             _wait(cont, args)
+            bandwidths.append(bandwidth_now())
             _, t1 = cont.timed(lambda: generate(input_ids=input_ids, tokens=1))
             _, tn = cont.timed(lambda: generate(input_ids=input_ids, tokens=tokens))
+            bandwidths.append(bandwidth_now())
             return batch * (tokens - 1) / max(tn - t1, 1e-9)
 
         b1 = [decode_rate(1, args.decode_tokens_reference) for _ in range(args.repeats_reference)]
+        b1_bandwidth = [(bandwidths[2 * i] + bandwidths[2 * i + 1]) / 2 for i in range(len(b1))]
         b8 = [decode_rate(8, max(4, args.decode_tokens_reference // 2))]
     out.update(decode_b1_tok_s=median(b1), decode_b8_tok_s=median(b8), samples_b1=b1, samples_b8=b8,
-               peak_rss=_peak_rss(), others_cpu_share=cont.worst, waited_s=cont.waited)
-    out["copy_GBps_at_decode"] = bandwidth_now()
+               others_cpu_share=cont.worst, waited_s=cont.waited, copy_GBps_at_decode=median(b1_bandwidth),
+               samples_b1_copy_GBps=b1_bandwidth)
     return out
+
+
+# ---------------------------------------------------------------------------------------- linear kernels
+KERNEL_SHAPE = (2048, 6144)  # (K, N): the decoder's FFN down projection's transpose; 12.6 M weights
+KERNEL_ROWS = (1, 2, 4, 8, 16, 64, 256, 1024)
+
+
+def phase_kernels(args) -> dict:
+    """Every candidate linear kernel at one decoder shape over rows per call: where each one wins."""
+    import torch
+    import torch.nn.functional as F
+
+    from .engine import quant
+
+    K, N = KERNEL_SHAPE
+    copies = 4  # rotate over 4 weights (4 × 12.6 MB int8 > the caches): decode-like streaming
+    weights = [torch.randn(N, K) / K**0.5 for _ in range(copies)]
+    candidates = {
+        "float32 F.linear": [lambda x, w=w: F.linear(x, w) for w in weights],
+        "bfloat16 F.linear": [lambda x, w=w: F.linear(x.bfloat16(), w) for w in [w.bfloat16() for w in weights]],
+    }
+    packed = []
+    for w in weights:
+        m = quant.PackedLinear(K, N, False)
+        m.load_weight(lambda a, b, w=w: w[a:b])
+        packed.append(m)
+    candidates["bfloat16 oneDNN prepacked"] = packed
+    for backend, label in (("torch", "int8 torch (_weight_int8pack_mm ≤4 rows, else _int_mm W8A8)"),
+                           ("fbgemm", "int8 FBGEMM W8A8 per token (jvlm)")):
+        if backend == "fbgemm" and not quant.fbgemm_available():
+            continue
+        mods = []
+        for w in weights:
+            m = quant.Int8Linear(K, N, False)
+            m.load_weight(lambda a, b, w=w: w[a:b], 4096, backend)
+            mods.append(m)
+        candidates[label] = mods
+    quant.tune_allocator()
+    cont = Contention(budget=4 * args.wait_idle)
+    table = {}
+    with torch.inference_mode():
+        for name, fns in candidates.items():
+            row = {}
+            for M in KERNEL_ROWS:
+                x = torch.randn(M, K)
+                reps = max(1, 64 // M)
+
+                def run(x=x, fns=fns, reps=reps):
+                    for _ in range(reps):
+                        for f in fns:
+                            f(x)
+
+                run()
+                times = []
+                for _ in range(3):
+                    cont.wait_idle(args.wait_idle / 4)
+                    times.append(cont.timed(run)[1] / (reps * copies))
+                row[M] = min(times)
+            table[name] = row
+    return {"shape": KERNEL_SHAPE, "ms": {k: {m: t * 1e3 for m, t in v.items()} for k, v in table.items()},
+            "others_cpu_share": cont.worst}
+
+
+def render_kernels(results: dict, command: str) -> str:
+    r = results.get("kernels", {})
+    if "ms" not in r:
+        return f"kernels phase failed: {r.get('error')}\n"
+    K, N = r["shape"]
+    rows = list(next(iter(r["ms"].values())))
+    lines = [f"## Linear kernels: {K}→{N} (float input; ms per call, best of 3; int8 GB/s-equivalent or GOP/s)", "",
+             f"- command: `{command}`; date: {datetime.date.today().isoformat()}", "",
+             "| kernel | " + " | ".join(f"{m} rows" for m in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for name, per_m in r["ms"].items():
+        cells = []
+        for m in rows:
+            ms = per_m[m]
+            rate = f"{K * N / (ms * 1e6):.0f} GB/s" if int(m) <= 8 else f"{2 * int(m) * K * N / (ms * 1e6):.0f} GOP/s"
+            cells.append(f"{ms:.3f} ({rate})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "GB/s counts one byte per weight (the int8 size) whatever the kernel reads, so the columns "
+              "compare the time to apply the same weights.", ""]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- quality at full size
@@ -656,6 +751,8 @@ def run_phase(args) -> int:
         result = phase_reference(args, name)
     elif kind == "quality":
         result = phase_quality(args, name)
+    elif kind == "kernels":
+        result = phase_kernels(args)
     else:
         raise SystemExit(f"unknown phase {args.phase!r}")
     result["phase"] = args.phase
@@ -686,6 +783,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the full-size random checkpoint is written once and reused")
     parser.add_argument("--quality", action="store_true",
                         help="instead of speed: each format's error against float32 on the full-size random weights")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead of the model: every candidate linear kernel over rows per call (crossovers)")
     parser.add_argument("--output", default="", help="write the markdown report to this file")
     parser.add_argument("--json", default="", help="write the raw results to this JSON file")
     parser.add_argument("--phase", default="", help=argparse.SUPPRESS)
@@ -704,6 +803,8 @@ def bench_main(args: argparse.Namespace) -> int:
     phases = ["machine"] + [f"jvlm:{f}" for f in formats] + [f"reference:{r}" for r in references]
     if args.quality:
         phases = ["quality:float32"] + [f"quality:{f}" for f in formats if f != "float32"]
+    if args.kernels:
+        phases = ["kernels"]
     results = {}
     for phase in phases:
         log(f"[{_now() - t_start:5.0f}s] {phase} ...")
@@ -712,7 +813,12 @@ def bench_main(args: argparse.Namespace) -> int:
             log(f"  failed: {results[phase]['error']}")
     total = _now() - t_start
     command = "python benchmarks/bench.py " + " ".join(_argv_tail())
-    report = (render_quality(results, command) if args.quality else render_report(results, command, total, snap))
+    if args.kernels:
+        report = render_kernels(results, command)
+    elif args.quality:
+        report = render_quality(results, command)
+    else:
+        report = render_report(results, command, total, snap)
     print(report)
     if args.output:
         Path(args.output).write_text(report)
@@ -771,12 +877,18 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
         peak = (peak_of.get(fmt) or nan) * 1e9
         tokens = r.get("prompt_tokens", 0)
         phase_bw = r.get("copy_GBps_at_decode") or bw
-        decode_floor = phase_bw * 1e9 / (streamed * bytes_per_param.get(fmt, 4))  # tok/s at the bandwidth limit
+        per_token = streamed * bytes_per_param.get(fmt, 4)
+        decode_floor = phase_bw * 1e9 / per_token  # tok/s at the bandwidth limit
+        samples, probes = r.get("samples_b1", []), r.get("samples_b1_copy_GBps", [])
+        if samples and len(samples) == len(probes):  # each sample against the bandwidth probed around it
+            decode_frac = median([rate / (b * 1e9 / per_token) for rate, b in zip(samples, probes, strict=True)])
+        else:
+            decode_frac = r["decode_b1_tok_s"] / decode_floor
         rows.append({
             "label": f"jvlm {fmt}" if kind == "jvlm" else f"reference {fmt}", "kind": kind, "fmt": fmt, **r,
             "vision_floor_frac": vision_flops / peak / r["vision_s_per_crop"],
             "prefill_floor_frac": prefill_flops(cfg, tokens) / peak / r["prefill_s"] if tokens else nan,
-            "decode_floor": decode_floor, "decode_floor_frac": r["decode_b1_tok_s"] / decode_floor,
+            "decode_floor": decode_floor, "decode_floor_frac": decode_frac,
             "phase_bw": phase_bw,
         })
     refs = [x for x in rows if x["kind"] == "reference"]
@@ -817,10 +929,10 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
             f"| {x['decode_b8_tok_s']:.1f} | {x['peak_rss'] / gib:.2f} | {x['weight_bytes'] / gib:.2f} |")
     lines += [
         "", "In parentheses: the fraction of the floor. Vision and prefill: FLOPs (analytic) ÷ the matmul peak of "
-        "the format's compute dtype (int8: the FBGEMM peak) ÷ the time. Decode: tok/s ÷ (copy bandwidth measured "
-        "in the same process right after decoding ÷ weight bytes streamed per token: "
-        f"{streamed / 1e9:.2f}G parameters: every decoder linear + the untied head). "
-        "Bandwidth at decode time per phase: "
+        "the format's compute dtype (int8: the FBGEMM peak) ÷ the time. Decode: each sample's tok/s ÷ (the copy "
+        "bandwidth probed in the same process just before and after it ÷ the weight bytes streamed per token: "
+        f"{streamed / 1e9:.2f}G parameters, every decoder linear + the untied head), median over the samples. "
+        "Median bandwidth around the decode samples per phase: "
         + ", ".join(f"{x['label']} {x['phase_bw']:.1f} GB/s" for x in rows) + ".",
         "", "The reference's vision runs all 27 SigLIP blocks + post-LN, as the official code does (jvlm runs the "
         "25 it needs); its connector is jvlm's plain module in the same dtype; its follow-up TTFT = its vision "

@@ -320,18 +320,22 @@ def quantize_(model: nn.Module, fmt: WeightFormat | str, backend: str | None = N
     return model
 
 
-def tune_allocator() -> bool:
-    """Keep large freed buffers in glibc's heap instead of unmapping them on every free, and give the
-    free pages left by loading back to the system.
+def tune_allocator(loading: bool = False) -> bool:
+    """Set glibc's allocator for loading (``loading=True``) or for inference (the default).
 
-    Each big temporary (prefill and vision activations are tens of MB) is otherwise a fresh mmap whose
-    pages are faulted in and zeroed again on every op: measured ~15-20% of a vision pass or a prefill
-    here. Called once the weights are in place (loading itself keeps the default, so its temporaries
-    never fragment the heap under the weights). glibc only; a no-op elsewhere.
+    Inference: keep large freed buffers in the heap instead of unmapping them on every free. Each big
+    temporary (prefill and vision activations are tens of MB) is otherwise a fresh mmap whose pages are
+    faulted in and zeroed again on every op: measured ~15-20% of a vision pass or a prefill here. Freed
+    memory then stays resident (the peak, not more).
+    Loading: the opposite, so the loader's temporaries never stay behind as holes in the heap under
+    the weights (a fixed 1 MiB mmap threshold; the free pages left are returned when inference starts).
+    glibc only; a no-op elsewhere.
     """
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if loading:
+            return bool(libc.mallopt(M_MMAP_MAX, 65536)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 20))
         libc.malloc_trim(0)
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):

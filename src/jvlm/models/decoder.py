@@ -81,7 +81,41 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
+QUERY_BLOCK = 256  # bfloat16 prefill attention: queries per block (keys past the block's end are skipped)
+
+
+def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal GQA attention with bfloat16 matmuls and softmax, for a prefill of many new tokens.
+
+    q (Hq, n, hd) at positions start … start+n−1; k, v (Hkv, start+n, hd) → (Hq, n, hd) in q's dtype.
+    Queries go in blocks, each against only the keys it can see, so about half of the causal
+    triangle's work is skipped (as the fused kernel does). ~1.7× the fused float32 kernel for a
+    1k-token prompt on CPUs with bfloat16 dot products; costs bfloat16 rounding (~0.5% relative).
+    """
+    Hq, n, hd = q.shape
+    Hkv = k.shape[0]
+    group = Hq // Hkv
+    dtype = torch.bfloat16
+    qg = (q * hd**-0.5).to(dtype).view(Hkv, group, n, hd)  # query heads sharing a key head together
+    kt, vs = k.to(dtype).transpose(1, 2), v.to(dtype)  # (Hkv, hd, L), (Hkv, L, hd)
+    out = torch.empty(Hkv, group, n, hd, dtype=dtype)
+    for a in range(0, n, QUERY_BLOCK):
+        b = min(a + QUERY_BLOCK, n)
+        seen = start + b  # keys visible to the block's last query
+        hidden = torch.arange(seen) > torch.arange(start + a, start + b)[:, None]  # (b−a, seen)
+        bias = torch.zeros(b - a, seen, dtype=dtype).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+        scores = torch.baddbmm(bias, qg[:, :, a:b].reshape(Hkv, group * (b - a), hd), kt[:, :, :seen])
+        out[:, :, a:b] = torch.bmm(torch.softmax(scores, dim=-1), vs[:, :seen]).view(Hkv, group, b - a, hd)
+    return out.view(Hq, n, hd).to(q.dtype)
+
+
 class Attention(nn.Module):
+    """``attention_dtype`` (set per weight format by the loader, engine/quant.py): None runs the fused
+    ``scaled_dot_product_attention`` in the activations' dtype (the reference numerics); bfloat16 runs
+    prefills of more than one token through ``bf16_causal_attention`` (decode steps stay fused)."""
+
+    attention_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -107,7 +141,9 @@ class Attention(nn.Module):
             v_cache[:, s : s + n] = v[offset : offset + n].transpose(0, 1)
             qs = q[None, offset : offset + n].transpose(1, 2)  # (1, Hq, n, hd): 4-D takes SDPA's fused CPU kernel
             keys, values = k_cache[None, :, : s + n], v_cache[None, :, : s + n]  # (1, Hkv, s+n, hd)
-            if n == 1 or s == 0:
+            if n > 1 and self.attention_dtype == torch.bfloat16:
+                y = bf16_causal_attention(qs[0], keys[0], values[0], s)[None]
+            elif n == 1 or s == 0:
                 y = F.scaled_dot_product_attention(qs, keys, values, is_causal=(n > 1), enable_gqa=True)
             else:  # new tokens after a cached prefix: causal within the new part, full view of the prefix
                 mask = torch.arange(s + n) <= (s + torch.arange(n))[:, None]

@@ -302,7 +302,7 @@ def bandwidth_now() -> float:
             times.append(_now() - t)
         return min(times)
 
-    return memory_bandwidth(best, 96 << 20)["copy_GBps"]
+    return memory_bandwidth(best, 512 << 20)["copy_GBps"]  # 2 × 512 MiB: beyond any L3 a VM may share
 
 
 def _wait(cont: Contention, args) -> None:
@@ -366,23 +366,32 @@ def phase_jvlm(args, fmt: str) -> dict:
     # the peak RSS of loading, the image prompt and the follow-up (the decode runs below hold far less KV;
     # their bandwidth probes must not count)
     out.update(kv_peak_bytes=kv_peak, peak_rss=_peak_rss())
-    bandwidths: list[float] = []
 
     def decode_rate(conversations, tokens) -> float:
         engine.prefixes.clear()
         before_tokens, before_s = engine.stats.decode_tokens, engine.stats.decode_s
-        bandwidths.append(bandwidth_now())  # the host's bandwidth drifts: probe it next to every sample
         chat(conversations, tokens)
-        bandwidths.append(bandwidth_now())
         return (engine.stats.decode_tokens - before_tokens) / (engine.stats.decode_s - before_s)
 
-    b1 = [decode_rate(text_prompts(1)[0], decode_tokens) for _ in range(args.repeats)]
-    b1_bandwidth = [(bandwidths[2 * i] + bandwidths[2 * i + 1]) / 2 for i in range(len(b1))]
-    b8 = [decode_rate(text_prompts(8), decode_tokens) for _ in range(1 if slow else max(1, args.repeats - 1))]
+    # the host's bandwidth drifts: each b=1 sample is bracketed by bandwidth probes, and each b=8 sample
+    # follows its b=1 sample at once, so the b=8 / b=1 ratio compares neighbours
+    b1, b8, b1_bandwidth = [], [], []
+    for i in range(args.repeats):
+        before = bandwidth_now()
+        b1.append(decode_rate(text_prompts(1)[0], decode_tokens))
+        b1_bandwidth.append((before + bandwidth_now()) / 2)
+        if i < (1 if slow else max(1, args.repeats - 1)):
+            b8.append(decode_rate(text_prompts(8), decode_tokens))
     out.update(decode_b1_tok_s=median(b1), decode_b8_tok_s=median(b8), samples_b1=b1, samples_b8=b8,
+               b8_over_b1=median([x / y for x, y in zip(b8, b1, strict=False)]),
                decode_tokens=decode_tokens, others_cpu_share=cont.worst, waited_s=cont.waited,
                copy_GBps_at_decode=median(b1_bandwidth), samples_b1_copy_GBps=b1_bandwidth)
     return out
+
+
+def _b8_ratio(row: dict) -> float:
+    """b=8 aggregate ÷ b=1: the median over neighbouring sample pairs where the run has them."""
+    return row.get("b8_over_b1") or row["decode_b8_tok_s"] / row["decode_b1_tok_s"]
 
 
 def _weight_bytes(model) -> int:
@@ -951,11 +960,13 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
             lines.append(
                 f"| {x['fmt']} | {ref_vision / x['vision_s_per_crop']:.2f}× | {x['prefill_tok_s'] / ref_prefill:.2f}× "
                 f"| {x['ttft_s'] / ref_ttft:.2f} | {x['follow_up_ttft_s']:.2f} | {x['decode_b1_tok_s'] / ref_b1:.2f}× "
-                f"| {x['decode_b8_tok_s'] / x['decode_b1_tok_s']:.1f}× | {x['decode_floor_frac']:.0%} "
+                f"| {_b8_ratio(x):.1f}× | {x['decode_floor_frac']:.0%} "
                 f"| {x['rss_ratio']:.2f} ({x['rss_ratio_net']:.2f}) |")
         lines += ["", "Speed-ups are against the reference's best dtype for each figure "
                   f"(vision {ref_vision:.2f} s/crop, prefill {ref_prefill:.0f} tok/s, TTFT {ref_ttft:.1f} s, "
-                  f"decode {ref_b1:.2f} tok/s). KV = the most KV-cache bytes alive at once (the engine's prefix "
+                  f"decode {ref_b1:.2f} tok/s). b=8 / b=1: the median over pairs of samples taken one right after "
+                  "the other (the host's bandwidth drifts between phases). "
+                  "KV = the most KV-cache bytes alive at once (the engine's prefix "
                   "cache + the new request's cache); in parentheses the same ratio without the interpreter's own "
                   "footprint before loading (Python + torch).", ""]
         best = max(jv, key=lambda x: x["decode_b1_tok_s"])
@@ -964,8 +975,7 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
              f"{best['decode_b1_tok_s'] / ref_b1:.2f}×"),
             ("decode b=1 ≥ 70% of its bandwidth floor", best["decode_floor_frac"] >= 0.7,
              f"{best['decode_floor_frac']:.0%}"),
-            ("decode b=8 aggregate ≥ 5× b=1", best["decode_b8_tok_s"] / best["decode_b1_tok_s"] >= 5,
-             f"{best['decode_b8_tok_s'] / best['decode_b1_tok_s']:.1f}×"),
+            ("decode b=8 aggregate ≥ 5× b=1", _b8_ratio(best) >= 5, f"{_b8_ratio(best):.1f}×"),
             ("vision ≥ 1.5× the reference's best", ref_vision / best["vision_s_per_crop"] >= 1.5,
              f"{ref_vision / best['vision_s_per_crop']:.2f}×"),
             ("prefill ≥ 1.5× the reference's best", best["prefill_tok_s"] / ref_prefill >= 1.5,

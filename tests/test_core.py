@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,6 +124,28 @@ def test_load_progress_reports_bytes(tiny_dir):
 
 
 # ----------------------------------------------------------------------------------------- prompts
+def test_import_is_light_and_the_api_is_complete():
+    """`import jvlm` must not import torch (the CLI's --help and error paths stay instant); every exported
+    name still resolves."""
+    code = ("import sys, jvlm; assert 'torch' not in sys.modules, 'torch imported'; "
+            "[getattr(jvlm, n) for n in jvlm.__all__]; assert 'torch' in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        jvlm.nope  # noqa: B018
+
+
+def test_url_policy_is_passed_to_the_processor(tiny_dir, tmp_path):
+    """jvlm.load(url_policy=...) governs where images may come from (here: no local paths)."""
+    random_image(64, 64).save(tmp_path / "a.png")
+    strict = jvlm.load(tiny_dir, url_policy=jvlm.UrlPolicy(allow_local_paths=False), max_batch=1)
+    try:
+        with pytest.raises(ImageError, match="local"):
+            strict.prepare(image_conversation(str(tmp_path / "a.png")))
+    finally:
+        strict.close()
+
+
 def test_image_prompt_layout(vlm, photo):
     prompt = vlm.prepare(image_conversation(photo))
     tok = vlm.tokenizer

@@ -19,7 +19,7 @@ from .engine.sampling import SamplingParams
 from .engine.types import CandidateScore, ChatDelta, ChatResult, ScoreResult, Usage
 from .errors import CheckpointError, InvalidRequestError
 from .hub import DEFAULT_MODEL, resolve_snapshot
-from .images.fetch import ImageLimits
+from .images.fetch import ImageLimits, UrlPolicy
 from .images.tiling import ImageProcessorConfig
 from .processor import Processor, Prompt
 from .tokenizer import TextTokenizer
@@ -184,6 +184,7 @@ def load(
     *,
     progress: Callable[[int, int], None] | None = None,
     image_limits: ImageLimits | None = None,
+    url_policy: UrlPolicy | None = None,
     **engine_options,
 ) -> VLM:
     """Load jina-vlm from a snapshot directory or a hub repo id (resolved through the HF cache).
@@ -195,6 +196,8 @@ def load(
             Weights are converted tensor by tensor while loading, never via a float32 copy of the model.
         progress: called with (bytes done, bytes total) while loading.
         image_limits: byte / pixel limits for images.
+        url_policy: which image URLs may be fetched (default: public ``http(s)`` hosts, ``data:`` URIs and
+            local paths; ``UrlPolicy(allow_private=True)`` on a trusted network).
         engine_options: passed to ``Engine`` (max_batch, cache budgets, ...).
     """
     try:
@@ -209,5 +212,5 @@ def load(
     tune_allocator(loading=True)  # the loader's big temporaries go straight back to the system
     net = load_model(snapshot, cfg, fmt, progress=progress)
     tune_allocator()  # from now on big activations stay in the heap instead of being re-mapped per op
-    processor = Processor(tokenizer, image_config, cfg.text.max_sequence_length, image_limits)
+    processor = Processor(tokenizer, image_config, cfg.text.max_sequence_length, image_limits, url_policy)
     return VLM(net, tokenizer, processor, generation, snapshot, fmt.dtype, **engine_options)

@@ -116,7 +116,7 @@ def test_bf16_vision_attention_matches_sdpa(dtype):
     assert 0 < rel(y, ref) < 1e-2  # bfloat16 rounding, nothing worse
 
 
-@pytest.mark.parametrize("start, n", [(0, 300), (0, 2), (40, 300), (97, 5)])  # blocks of 256 queries, prefixes
+@pytest.mark.parametrize("start, n", [(0, 300), (0, 2), (40, 300), (97, 5), (3000, 40)])  # blocks, prefixes
 def test_bf16_causal_attention_matches_sdpa(start, n):
     g = torch.Generator().manual_seed(start + n)
     q = torch.randn(4, n, 32, generator=g)  # 4 query heads over 2 key heads (GQA)
@@ -134,6 +134,21 @@ def test_bf16_causal_attention_matches_sdpa(start, n):
     with torch.inference_mode():
         y2 = decoder.bf16_causal_attention(q, k2, v2, start)
     assert torch.equal(y2[:, :-1], y[:, :-1]) and not torch.equal(y2[:, -1], y[:, -1])
+
+
+def test_bf16_causal_attention_bounds_its_scores(monkeypatch):
+    """Long contexts take smaller query blocks (one block's scores within SCORES_BYTES), same result."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(4, 100, 32, generator=g)
+    k, v = torch.randn(2, 500, 32, generator=g), torch.randn(2, 500, 32, generator=g)
+    with torch.inference_mode():
+        whole = decoder.bf16_causal_attention(q, k, v, 400)
+        calls = []
+        monkeypatch.setattr(decoder, "SCORES_BYTES", 2 * 4 * 500 * 20)  # → blocks of 20 queries
+        monkeypatch.setattr(torch, "softmax", lambda x, dim: calls.append(x.shape) or x.softmax(dim))
+        blocked = decoder.bf16_causal_attention(q, k, v, 400)
+    assert len(calls) == 5 and max(c.numel() * 2 for c in calls) <= decoder.SCORES_BYTES
+    assert rel(blocked, whole) < 1e-2
 
 
 def test_formats_choose_kernels():

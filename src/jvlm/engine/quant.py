@@ -234,8 +234,9 @@ class Int8LinearOneDNN(Int8Linear):
         self.packed = [torch.ops.onednn.qlinear_prepack(q, None)]
         self.scales, self.zero_points = scales, torch.zeros(N, dtype=torch.long)
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 → (M, N) float32 without the bias, activations quantized per token."""
+    def _matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) float32 → (y / row scale (M, N) float32 without the bias, row scale (M, 1)): activations
+        quantized per token."""
         row = _row_absmax(x)
         xq = torch.mul(x, 127.0 / row).add_(128.5).to(torch.uint8)  # = round(x·127/row) + 128: floor of ≥ 1.5
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, self.packed[0], self.scales, self.zero_points,

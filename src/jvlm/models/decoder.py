@@ -82,6 +82,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 QUERY_BLOCK = 256  # bfloat16 prefill attention: queries per block (keys past the block's end are skipped)
+SCORES_BYTES = 64 << 20  # ... fewer for long contexts, so that one block's scores stay within this
 
 
 def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -99,8 +100,9 @@ def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     qg = (q * hd**-0.5).to(dtype).view(Hkv, group, n, hd)  # query heads sharing a key head together
     kt, vs = k.to(dtype).transpose(1, 2), v.to(dtype)  # (Hkv, hd, L), (Hkv, L, hd)
     out = torch.empty(Hkv, group, n, hd, dtype=dtype)
-    for a in range(0, n, QUERY_BLOCK):
-        b = min(a + QUERY_BLOCK, n)
+    rows = max(16, min(QUERY_BLOCK, SCORES_BYTES // (2 * Hq * (start + n))))
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
         seen = start + b  # keys visible to the block's last query
         hidden = torch.arange(seen) > torch.arange(start + a, start + b)[:, None]  # (b−a, seen)
         bias = torch.zeros(b - a, seen, dtype=dtype).masked_fill_(hidden, float("-inf")).repeat(group, 1)

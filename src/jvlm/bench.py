@@ -631,6 +631,13 @@ def phase_kernels(args) -> dict:
             m.load_weight(lambda a, b, w=w: w[a:b], 4096, backend)
             mods.append(m)
         candidates[label] = mods
+    if quant.onednn_int8_available():
+        mods = []
+        for w in weights:
+            m = quant.Int8LinearOneDNN(K, N, False)
+            m.load_weight(lambda a, b, w=w: w[a:b])
+            mods.append(m)
+        candidates["int8 oneDNN W8A8 per token (jvlm's vision tower)"] = mods
     quant.tune_allocator()
     cont = Contention(budget=4 * args.wait_idle)
     table = {}

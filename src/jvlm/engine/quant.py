@@ -94,6 +94,18 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_read_rows(read_rows: ReadRows, start: int, stop: int, K: int, rows_per_chunk: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start…stop of a float weight, read and quantized ``rows_per_chunk`` at a time (no float copy
+    of the whole range) → (int8 (stop − start, K), float32 scales)."""
+    q = torch.empty(stop - start, K, dtype=torch.int8)
+    scales = torch.empty(stop - start, dtype=torch.float32)
+    for c in range(start, stop, rows_per_chunk):
+        d = min(c + rows_per_chunk, stop)
+        q[c - start:d - start], scales[c - start:d - start] = quantize_rows(read_rows(c, d))
+    return q, scales
+
+
 # ------------------------------------------------------------------------------------------ int8
 def _row_absmax(x: torch.Tensor) -> torch.Tensor:
     """(M, K) → (M, 1) max |x| per row, never 0 (two plain reductions beat abs().amax() and the inf-norm)."""
@@ -150,11 +162,7 @@ class Int8Linear(nn.Module):
         self.packed, self.qweight, self.scales = [], None, None
         for a in range(0, N, block):
             b = min(a + block, N)
-            q = torch.empty(b - a, K, dtype=torch.int8)
-            scales = torch.empty(b - a, dtype=torch.float32)
-            for c in range(a, b, rows_per_chunk):
-                d = min(c + rows_per_chunk, b)
-                q[c - a:d - a], scales[c - a:d - a] = quantize_rows(read_rows(c, d))
+            q, scales = quantize_read_rows(read_rows, a, b, K, rows_per_chunk)
             if fbgemm:
                 self.packed.append(_fbgemm_pack(q, scales))
             else:
@@ -226,11 +234,7 @@ class Int8LinearOneDNN(Int8Linear):
 
     def load_weight(self, read_rows: ReadRows, rows_per_chunk: int = 4096, backend: str | None = None) -> None:
         N, K = self.out_features, self.in_features
-        q = torch.empty(N, K, dtype=torch.int8)
-        scales = torch.empty(N, dtype=torch.float32)
-        for a in range(0, N, rows_per_chunk):
-            b = min(a + rows_per_chunk, N)
-            q[a:b], scales[a:b] = quantize_rows(read_rows(a, b))
+        q, scales = quantize_read_rows(read_rows, 0, N, K, rows_per_chunk)
         self.packed = [torch.ops.onednn.qlinear_prepack(q, None)]
         self.scales, self.zero_points = scales, torch.zeros(N, dtype=torch.long)
 

@@ -14,8 +14,8 @@ Formats (``jvlm.load(path, dtype=...)``):
   FBGEMM's packed kernels (VNNI), which dequantize, add the bias and write float32 in one pass. The
   same packed weight serves decode (bandwidth-bound: ~1 byte read per weight) and prefill / vision
   (compute-bound: int8 dot products). Activations, norms and the KV cache are float32; the embedding
-  tables (lookups, not matmuls) are stored in bfloat16; attention (a third of the vision tower's time
-  in float32) runs its matmuls in bfloat16, except at decode steps.
+  tables (lookups, not matmuls) are stored in bfloat16; on CPUs with bfloat16 dot products attention
+  (a third of the vision tower's time in float32) runs its matmuls in bfloat16, except at decode steps.
 
 FBGEMM quantizes one scale per *call*, so rows (tokens) are first divided by their own absmax and the
 output rows multiplied back (a linear map commutes with that); this makes the quantization per token,
@@ -58,13 +58,29 @@ ReadRows = Callable[[int, int], torch.Tensor]  # (start, stop) → those rows of
 
 
 @functools.cache
-def cpu_has_vnni() -> bool:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+        return frozenset()
+
+
+def cpu_has_vnni() -> bool:
+    return bool({"avx512_vnni", "avx_vnni"} & _cpu_flags())
+
+
+def cpu_has_bf16() -> bool:
+    """bfloat16 dot products in hardware (x86: AVX-512 BF16 or AMX; Arm: the BF16 extension)."""
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpu_flags())
+
+
+def attention_dtype(fmt: WeightFormat) -> torch.dtype | None:
+    """The format's attention dtype, except that float activations keep the fused float kernel on CPUs
+    without bfloat16 dot products (there bf16 matmuls are emulated and lose to it)."""
+    if fmt.attention_dtype == torch.bfloat16 and fmt.dtype != torch.bfloat16 and not cpu_has_bf16():
+        return None
+    return fmt.attention_dtype
 
 
 @functools.cache
@@ -354,7 +370,7 @@ def swap_modules(model: nn.Module, fmt: WeightFormat) -> dict[str, nn.Module]:
     image_linear = (fmt.image_linear() if fmt.image_linear else None) or fmt.linear
     for name, module in list(model.named_modules()):
         if isinstance(module, (VisionAttention, Attention)):
-            module.attention_dtype = fmt.attention_dtype
+            module.attention_dtype = attention_dtype(fmt)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is nn.Linear and fmt.linear is not None:

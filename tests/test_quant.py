@@ -170,6 +170,15 @@ def test_formats_choose_kernels():
             assert type(model.lm_head) is quant.Int8Linear
 
 
+def test_attention_dtype_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)
+    assert quant.attention_dtype(quant.resolve_format("int8")) is None  # float activations: fused float32
+    assert quant.attention_dtype(quant.resolve_format("bfloat16")) == torch.bfloat16  # bf16 anyway
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    assert quant.attention_dtype(quant.resolve_format("int8")) == torch.bfloat16
+    assert quant.attention_dtype(quant.resolve_format("float32")) is None
+
+
 def test_format_names():
     assert quant.resolve_format("bf16").name == "bfloat16"
     assert quant.resolve_format(torch.float32).name == "float32"

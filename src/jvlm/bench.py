@@ -615,29 +615,18 @@ def phase_kernels(args) -> dict:
         "float32 F.linear": [lambda x, w=w: F.linear(x, w) for w in weights],
         "bfloat16 F.linear": [lambda x, w=w: F.linear(x.bfloat16(), w) for w in [w.bfloat16() for w in weights]],
     }
-    packed = []
-    for w in weights:
-        m = quant.PackedLinear(K, N, False)
-        m.load_weight(lambda a, b, w=w: w[a:b])
-        packed.append(m)
-    candidates["bfloat16 oneDNN prepacked"] = packed
-    for backend, label in (("torch", "int8 torch (_weight_int8pack_mm ≤4 rows, else _int_mm W8A8)"),
-                           ("fbgemm", "int8 FBGEMM W8A8 per token (jvlm)")):
-        if backend == "fbgemm" and not quant.fbgemm_available():
-            continue
-        mods = []
-        for w in weights:
-            m = quant.Int8Linear(K, N, False)
-            m.load_weight(lambda a, b, w=w: w[a:b], 4096, backend)
-            mods.append(m)
-        candidates[label] = mods
-    if quant.onednn_int8_available():
-        mods = []
-        for w in weights:
-            m = quant.Int8LinearOneDNN(K, N, False)
-            m.load_weight(lambda a, b, w=w: w[a:b])
-            mods.append(m)
-        candidates["int8 oneDNN W8A8 per token (jvlm's vision tower)"] = mods
+    modules = [  # (label, module class, backend, available here)
+        ("bfloat16 oneDNN prepacked", quant.PackedLinear, None, True),
+        ("int8 torch (_weight_int8pack_mm ≤4 rows, else _int_mm W8A8)", quant.Int8Linear, "torch", True),
+        ("int8 FBGEMM W8A8 per token (jvlm's decoder)", quant.Int8Linear, "fbgemm", quant.fbgemm_available()),
+        ("int8 oneDNN W8A8 per token (jvlm's vision tower)", quant.Int8LinearOneDNN, None,
+         quant.onednn_int8_available()),
+    ]
+    for label, cls, backend, available in modules:
+        if available:
+            candidates[label] = [cls(K, N, False) for _ in weights]
+            for m, w in zip(candidates[label], weights, strict=True):
+                m.load_weight(lambda a, b, w=w: w[a:b], 4096, backend)
     quant.tune_allocator()
     cont = Contention(budget=4 * args.wait_idle)
     table = {}

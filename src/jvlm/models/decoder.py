@@ -136,17 +136,25 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv_heads, self.head_dim)
         outputs = []
         offset = 0
+        group = self.n_heads // self.n_kv_heads
         for seg in segments:
             s, n = seg.start, seg.length
             k_cache, v_cache = seg.cache.k[layer], seg.cache.v[layer]  # (Hkv, capacity, hd)
+            if n == 1:  # a decode step: the few ops per sequence matter when many sequences decode together
+                k_cache[:, s], v_cache[:, s] = k[offset], v[offset]
+                qg = q[offset].view(1, self.n_kv_heads, group, self.head_dim)  # query heads grouped by key head
+                y = F.scaled_dot_product_attention(qg, k_cache[None, :, : s + 1], v_cache[None, :, : s + 1])
+                outputs.append(y.view(1, -1))
+                offset += 1
+                continue
             k_cache[:, s : s + n] = k[offset : offset + n].transpose(0, 1)
             v_cache[:, s : s + n] = v[offset : offset + n].transpose(0, 1)
             qs = q[None, offset : offset + n].transpose(1, 2)  # (1, Hq, n, hd): 4-D takes SDPA's fused CPU kernel
             keys, values = k_cache[None, :, : s + n], v_cache[None, :, : s + n]  # (1, Hkv, s+n, hd)
             if n > 1 and self.attention_dtype == torch.bfloat16:
                 y = bf16_causal_attention(qs[0], keys[0], values[0], s)[None]
-            elif n == 1 or s == 0:
-                y = F.scaled_dot_product_attention(qs, keys, values, is_causal=(n > 1), enable_gqa=True)
+            elif s == 0:
+                y = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
             else:  # new tokens after a cached prefix: causal within the new part, full view of the prefix
                 mask = torch.arange(s + n) <= (s + torch.arange(n))[:, None]
                 y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)

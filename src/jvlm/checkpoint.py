@@ -73,9 +73,6 @@ class SafetensorsFile:
     def close(self) -> None:
         self._file.close()
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
 
 def safetensors_files(snapshot: Path) -> dict[str, Path]:
     """Official tensor name → the file holding it."""

@@ -11,9 +11,11 @@ Formats (``jvlm.load(path, dtype=...)``):
 - ``int8``: every linear (vision tower, connector, decoder, head) holds an int8 weight with one float32
   scale per output channel (symmetric, round to nearest). Activations are quantized on the fly, per
   token (dynamic, asymmetric uint8 over the token's range), and multiplied int8 × int8 → int32 by
-  FBGEMM's packed kernels (VNNI), which dequantize, add the bias and write float32 in one pass. The
-  same packed weight serves decode (bandwidth-bound: ~1 byte read per weight) and prefill / vision
-  (compute-bound: int8 dot products). Activations, norms and the KV cache are float32; the embedding
+  FBGEMM's packed kernels (VNNI), which dequantize, add the bias and write float32 in one pass. In the
+  decoder the same packed weight serves decode (bandwidth-bound: ~1 byte read per weight) and prefill
+  (compute-bound: int8 dot products); the vision tower and connector, which never see fewer than 196
+  rows per call, use oneDNN's int8 kernel instead (``Int8LinearOneDNN``), faster at those sizes.
+  Activations, norms and the KV cache are float32; the embedding
   tables (lookups, not matmuls) are stored in bfloat16; on CPUs with bfloat16 dot products attention
   (a third of the vision tower's time in float32) runs its matmuls in bfloat16, except at decode steps.
 
@@ -388,26 +390,6 @@ def tensor_dtype(fmt: WeightFormat, name: str) -> torch.dtype:
     if fmt.table_dtype is not None and name.startswith("decoder.embedding."):
         return fmt.table_dtype
     return fmt.dtype
-
-
-def quantize_(model: nn.Module, fmt: WeightFormat | str, backend: str | None = None) -> nn.Module:
-    """Convert an already loaded float model in place, one linear at a time (tests, micro-benchmarks).
-
-    The loader does not use this: it converts while reading, so no float copy is ever built.
-    """
-    fmt = resolve_format(fmt)
-    weights = {n: (m.weight.detach(), None if m.bias is None else m.bias.detach())
-               for n, m in model.named_modules() if type(m) is nn.Linear}
-    swapped = swap_modules(model, fmt)
-    for name, module in swapped.items():
-        w, b = weights.pop(name)
-        module.load_weight(lambda a, c, w=w: w[a:c], 4096, backend)
-        if b is not None:
-            module.bias = nn.Parameter(b.to(fmt.dtype), requires_grad=False)
-    for pname, p in model.named_parameters():
-        if p.dtype.is_floating_point:
-            p.data = p.data.to(tensor_dtype(fmt, pname))
-    return model
 
 
 def tune_allocator(loading: bool = False) -> bool:

@@ -108,12 +108,16 @@ def test_packed_bf16_linear_matches_f_linear():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bf16_vision_attention_matches_sdpa(dtype):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 6, 50, 72, generator=g).to(dtype) for _ in range(3))  # 12 heads: 3 chunks of 4
+    B, T, H, hd = 2, 50, 10, 72  # 10 heads: chunks of 4, 4 and 2
+    qkv = torch.randn(B, T, 3, H, hd, generator=g).to(dtype)
     with torch.inference_mode():
-        y = vision.bf16_attention(q, k, v)
-        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert y.dtype == dtype and y.shape == q.shape
+        y = vision.bf16_attention(qkv)
+        q, k, v = qkv.float().permute(2, 0, 3, 1, 4)
+        ref = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
+    assert y.dtype == torch.bfloat16 and y.shape == (B, T, H * hd)
     assert 0 < rel(y, ref) < 1e-2  # bfloat16 rounding, nothing worse
+    for b in range(B):  # each image attends only to itself
+        assert rel(vision.bf16_attention(qkv[b:b + 1])[0], y[b]) == 0
 
 
 @pytest.mark.parametrize("start, n", [(0, 300), (0, 2), (40, 300), (97, 5), (3000, 40)])  # blocks, prefixes

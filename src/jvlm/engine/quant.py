@@ -257,19 +257,21 @@ class Int8LinearOneDNN(Int8Linear):
         self.scales, self.zero_points = scales, torch.zeros(N, dtype=torch.long)
 
     def _matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K) float32 → (y / row scale (M, N) float32 without the bias, row scale (M, 1)): activations
+        """x (M, K) float → (y / row scale (M, N) float32 without the bias, row scale (M, 1)): activations
         quantized per token."""
-        row = _row_absmax(x)
-        xq = torch.mul(x, 127.0 / row).add_(128.5).to(torch.uint8)  # = round(x·127/row) + 128: floor of ≥ 1.5
+        row = _row_absmax(x).float()
+        # round(x·127/row) + 128 as the floor of a value ≥ 1.5; through int16 because float → uint8 is a slow
+        # scalar loop in PyTorch's CPU kernels while float → int16 → uint8 is vectorized (~4× here)
+        xq = torch.mul(x, 127.0 / row).add_(128.5).to(torch.int16).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0 / 127, 128, self.packed[0], self.scales, self.zero_points,
                                                None, 1.0, 0, torch.float32, "none", [], "")
         return y, row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y, row = self._matmul(x.reshape(-1, self.in_features).float())
+        y, row = self._matmul(x.reshape(-1, self.in_features))  # any float dtype: quantized straight from it
         y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
-        return y.view(*lead, self.out_features).to(x.dtype)
+        return y.view(*lead, self.out_features)  # float32 whatever the input's float dtype
 
     def dequantized_weight(self) -> torch.Tensor:
         y, row = self._matmul(torch.eye(self.in_features))  # the identity quantizes exactly (127 → 255)

@@ -221,6 +221,16 @@ def test_serve_and_bench_are_imported_only_when_run(monkeypatch):
     assert imported == ["jvlm.bench"]
 
 
+@pytest.mark.parametrize("flags, word", [(["-p", "hi", "--temperature", "-1"], "temperature"),
+                                         (["-p", "hi", "-i", "missing.png"], "missing.png")])
+def test_flag_and_image_errors_come_before_torch_is_imported(tmp_path, flags, word):
+    code = ("import sys; from jvlm.cli import main; rc = main(['chat', '-m', 'nowhere', *sys.argv[1:]]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, cwd=tmp_path,
+                       env=ENV, timeout=60)
+    assert p.returncode == 2 and word in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("name", [n for n in runs_table(Path("/x")) if n.startswith("err_")])
 def test_errors_are_one_line_with_an_exit_code(runs, name):
     spec, p = runs[name][0], result(runs, name)

@@ -26,11 +26,11 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .api import VLM, load
-    from .engine.sampling import SamplingParams
     from .engine.types import (
         CandidateScore,
         ChatDelta,
         ChatResult,
+        SamplingParams,
         ScoreResult,
         Timings,
         TokenLogprob,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 # Imported on first use, so that `import jvlm` (and `jvlm --help`, error paths) does not pay for torch.
 _LAZY = {
-    "VLM": "api", "load": "api", "SamplingParams": "engine.sampling", "ImageLimits": "images.fetch",
+    "VLM": "api", "load": "api", "SamplingParams": "engine.types", "ImageLimits": "images.fetch",
     "UrlPolicy": "images.fetch", **dict.fromkeys(
         ["CandidateScore", "ChatDelta", "ChatResult", "ScoreResult", "Timings", "TokenLogprob", "TopLogprob", "Usage"],
         "engine.types"),

@@ -280,7 +280,7 @@ def system_messages(system: str | None) -> list[dict]:
 # ---------------------------------------------------------------------------------------- chat
 def chat_main(args: argparse.Namespace) -> int:
     import jvlm
-    from jvlm.engine.sampling import SamplingParams
+    from jvlm.engine.types import SamplingParams  # torch-free: bad flags fail at once
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     SamplingParams(**sampling)  # validate now, before the model loads

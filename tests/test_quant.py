@@ -78,6 +78,8 @@ def test_int8_quantizes_activations_per_token(backend):
         for i in range(12):
             assert rel(y[i], exact[i]) < 0.02, i
             assert rel(y[i], m(x[i:i + 1])[0]) < 0.02, i
+        from_bf16 = m(x.bfloat16())  # what the bfloat16 attention hands the output projection
+        assert from_bf16.dtype == torch.float32 and rel(from_bf16, y) < 0.02
 
 
 def test_int8_tall_weight_is_packed_in_blocks(monkeypatch):

@@ -151,7 +151,8 @@ def w8a8_linear(x: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor, b
 
 
 class Int8Linear(nn.Module):
-    """Linear with an int8 weight (N, K) and per-output-channel scales; float32 in, float32 out.
+    """Linear with an int8 weight (N, K) and per-output-channel scales; float in (float32 or, from the
+    bfloat16 attention, bfloat16), float32 out.
 
     The weight lives in FBGEMM's packed form (or, in the fallback, as a plain int8 tensor); it is not a
     registered buffer, so it is filled by ``load_weight`` rather than by ``load_state_dict``. A very tall
@@ -221,7 +222,7 @@ class Int8Linear(nn.Module):
                 y += self.bias
         else:
             y = w8a8_linear(x2, self.qweight.t(), self.scales, self.bias)
-        return y.view(*lead, self.out_features).to(x.dtype)
+        return y.view(*lead, self.out_features)  # float32 whatever the input's float dtype
 
     def extra_repr(self) -> str:
         kernel = f"fbgemm×{len(self.packed)}" if self.packed else "torch"

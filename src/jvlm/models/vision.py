@@ -64,7 +64,7 @@ class VisionAttention(nn.Module):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         if self.attention_dtype == torch.bfloat16:
-            return self.out(bf16_attention(qkv))  # the int8 linear quantizes bfloat16 input directly
+            return self.out(bf16_attention(qkv))  # bfloat16 in: int8 linears quantize it directly
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3×(B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))

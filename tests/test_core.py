@@ -331,7 +331,7 @@ def test_bf16_agrees_with_fp32(tiny_dir, vlm, photo):
             image = prompt.images[0]
             feats = m.model.encode_images(image.inputs.crops, image.inputs.masks)
             keep = image.positions >= 0
-            cache = KVCache(m.model.cfg.text, len(prompt.ids), m.model.dtype)
+            cache = KVCache(m.model.cfg.text, len(prompt.ids), m.model.cache_dtype)
             return m.model(torch.tensor(prompt.ids), torch.arange(len(prompt.ids)),
                            [Segment(cache, 0, len(prompt.ids))], feats[keep], image.positions[keep],
                            logits_at=torch.tensor([len(prompt.ids) - 1]))[0]

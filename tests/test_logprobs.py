@@ -21,7 +21,7 @@ def full_logits(vlm, ids, prompt=None):
             keep = image.positions >= 0
             feats = model.encode_images(image.inputs.crops, image.inputs.masks)[keep]
             pos = image.positions[keep]
-        cache = KVCache(model.cfg.text, len(ids), model.dtype)
+        cache = KVCache(model.cfg.text, len(ids), model.cache_dtype)
         return model(torch.tensor(ids), torch.arange(len(ids)), [Segment(cache, 0, len(ids))], feats, pos,
                      logits_at=torch.arange(len(ids)))
 

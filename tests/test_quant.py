@@ -185,6 +185,16 @@ def test_attention_dtype_follows_the_cpu(monkeypatch):
     assert quant.attention_dtype(quant.resolve_format("float32")) is None
 
 
+def test_kv_cache_dtype_follows_the_format(monkeypatch):
+    """int8 keeps its KV cache in bfloat16 where attention runs in bfloat16 anyway; float32 never narrows it."""
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: False)
+    assert quant.kv_cache_dtype(quant.resolve_format("int8")) == torch.float32
+    assert quant.kv_cache_dtype(quant.resolve_format("bfloat16")) == torch.bfloat16
+    monkeypatch.setattr(quant, "cpu_has_bf16", lambda: True)
+    assert quant.kv_cache_dtype(quant.resolve_format("int8")) == torch.bfloat16
+    assert quant.kv_cache_dtype(quant.resolve_format("float32")) == torch.float32
+
+
 def test_format_names():
     assert quant.resolve_format("bf16").name == "bfloat16"
     assert quant.resolve_format(torch.float32).name == "float32"
@@ -211,7 +221,7 @@ def forward_all(m, prompt, extra=()):
         features = m.model.encode_images(image.inputs.crops, image.inputs.masks)
         keep = image.positions >= 0
         x.index_add_(0, image.positions[keep], features[keep].to(x.dtype))
-    cache = KVCache(m.model.cfg.text, len(ids), m.model.dtype)
+    cache = KVCache(m.model.cfg.text, len(ids), m.model.cache_dtype)
     h = m.model.decoder(x, torch.arange(len(ids)), [Segment(cache, 0, len(ids))])
     return h.float(), m.model.lm_head(h).float()
 
@@ -233,6 +243,29 @@ def test_format_agrees_with_float32(formats, fmt):
             n = len(prompt.ids)
             agreements.append(float((logits[n - 1:-1].argmax(-1) == l0[n - 1:-1].argmax(-1)).float().mean()))
     assert sum(agreements) / len(agreements) >= min_agreement, agreements
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_format_decode_agrees_with_float32(formats, fmt, monkeypatch):
+    """What the engine's decode steps see (the format's KV cache, one token at a time) against float32's logits
+    at the same positions, and against the format's own teacher-forced prefill."""
+    ref, other = formats["float32"], formats[fmt]
+    seen = []
+    accept = other.engine._accept
+    monkeypatch.setattr(other.engine, "_accept", lambda r, logits: (seen.append(logits.float()), accept(r, logits)))
+    conversation = image_conversation(random_image(640, 480, seed=4), "What is in the picture?")
+    with torch.inference_mode():
+        result = other.chat(conversation, max_new_tokens=10)
+        prompt = other.prepare(conversation)
+        decoded = torch.stack(seen)  # (10, V): the prefill's last row, then nine decode steps
+        n = len(prompt.ids)
+        _, l0 = forward_all(ref, prompt, result.token_ids)
+        _, own = forward_all(other, prompt, result.token_ids)
+    assert other.engine.prefixes.entries, "the finished conversation's cache is kept"
+    cache = next(iter(other.engine.prefixes.entries.values()))[1]
+    assert cache.k[0].dtype == other.model.cache_dtype
+    assert rel(decoded, l0[n - 1:-1]) < BOUNDS[fmt][0]
+    assert rel(decoded, own[n - 1:-1]) < BOUNDS[fmt][0] / 2
 
 
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8"])

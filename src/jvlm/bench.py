@@ -328,7 +328,7 @@ def phase_jvlm(args, fmt: str) -> dict:
            "weight_bytes": weight_bytes, "threads": torch.get_num_threads()}
     conversation = image_conversation(bench_image())
     t = model.cfg.text
-    kv_per_token = 2 * t.n_layers * t.n_kv_heads * t.head_dim * torch.empty(0, dtype=model.dtype).element_size()
+    kv_per_token = 2 * t.n_layers * t.n_kv_heads * t.head_dim * torch.empty(0, dtype=model.cache_dtype).element_size()
     slow = fmt in SLOW_FORMATS
     repeats_ttft = 1 if slow else args.repeats_ttft
     decode_tokens = min(args.decode_tokens, 12) if slow else args.decode_tokens
@@ -719,7 +719,7 @@ def phase_quality(args, fmt: str) -> dict:
                 features = model.encode_images(image.inputs.crops, image.inputs.masks).float()
                 keep = image.positions >= 0
                 x.index_add_(0, image.positions[keep], features[keep].to(x.dtype))
-            cache = KVCache(model.cfg.text, len(ids), model.dtype)
+            cache = KVCache(model.cfg.text, len(ids), model.cache_dtype)
             h = model.decoder(x, torch.arange(len(ids)), [Segment(cache, 0, len(ids))])
             tail = model.lm_head(h[len(prompt.ids) - 1:-1]).float()  # logits that predict the continuation
             out = {"continuation": continuation, "hidden": h.float(), "logits": tail, "features": features}

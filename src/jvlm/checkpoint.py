@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import JinaVLMConfig
-from .engine.quant import WeightFormat, resolve_format, swap_modules, tensor_dtype
+from .engine.quant import WeightFormat, kv_cache_dtype, resolve_format, swap_modules, tensor_dtype
 from .errors import CheckpointError
 from .models.jina_vlm import JinaVLM, map_official_names
 
@@ -149,6 +149,7 @@ def load_model(
             )
 
         swapped = swap_modules(model, fmt)  # still on meta; these linears take their weight via load_weight
+        model.kv_dtype = kv_cache_dtype(fmt)
 
         def nbytes(name: str) -> int:  # progress counts bytes read from the checkpoint
             dtype, shape, _ = handles[locations[name]].entries[name]

@@ -278,7 +278,7 @@ class Engine:
         ids = prompt.ids
         source, n_cached = self.prefixes.lookup(prompt.cache_key())
         n_cached = min(n_cached, len(ids) - 1)  # always run at least the last token
-        cache = KVCache(self.model.cfg.text, capacity, self.model.dtype)
+        cache = KVCache(self.model.cfg.text, capacity, self.model.cache_dtype)
         if source is not None and n_cached > 0:
             cache.copy_prefix(source, n_cached)
         else:
@@ -336,7 +336,7 @@ class Engine:
             if rest:
                 ids, positions, segments, rows, offset = [], [], [], [], 0
                 for _, c in rest:
-                    cache = KVCache(self.model.cfg.text, len(prompt.ids) + len(c) - 1, self.model.dtype)
+                    cache = KVCache(self.model.cfg.text, len(prompt.ids) + len(c) - 1, self.model.cache_dtype)
                     cache.copy_prefix(shared, len(prompt.ids))
                     feed = c[:-1]  # the logits after token j score token j + 1
                     ids += feed

@@ -26,7 +26,8 @@ from ..config import TextConfig
 
 
 class LayerCache(Protocol):
-    """Per-sequence key/value storage: k[layer], v[layer] have shape (n_kv_heads, capacity, head_dim)."""
+    """Per-sequence key/value storage: k[layer], v[layer] have shape (n_kv_heads, capacity, head_dim), in the
+    activations' dtype or narrower (bfloat16 for the int8 format: decode reads the whole cache every step)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -143,6 +144,7 @@ class Attention(nn.Module):
             if n == 1:  # a decode step: the few ops per sequence matter when many sequences decode together
                 k_cache[:, s], v_cache[:, s] = k[offset], v[offset]
                 qg = q[offset].view(1, self.n_kv_heads, group, self.head_dim)  # query heads grouped by key head
+                qg = qg.to(k_cache.dtype)  # a bfloat16 cache (the int8 format) takes bfloat16 queries
                 y = F.scaled_dot_product_attention(qg, k_cache[None, :, : s + 1], v_cache[None, :, : s + 1])
                 outputs.append(y.view(1, -1))
                 offset += 1
@@ -154,13 +156,13 @@ class Attention(nn.Module):
             if n > 1 and self.attention_dtype == torch.bfloat16:
                 y = bf16_causal_attention(qs[0], keys[0], values[0], s)[None]
             elif s == 0:
-                y = F.scaled_dot_product_attention(qs, keys, values, is_causal=True, enable_gqa=True)
+                y = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, values, is_causal=True, enable_gqa=True)
             else:  # new tokens after a cached prefix: causal within the new part, full view of the prefix
                 mask = torch.arange(s + n) <= (s + torch.arange(n))[:, None]
-                y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
+                y = F.scaled_dot_product_attention(qs.to(keys.dtype), keys, values, attn_mask=mask, enable_gqa=True)
             outputs.append(y[0].transpose(0, 1).reshape(n, -1))
             offset += n
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # mixed dtypes promote
         return self.out(y)
 
 

@@ -29,10 +29,17 @@ class JinaVLM(nn.Module):
         self.decoder = Decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
 
+    kv_dtype: torch.dtype | None = None  # set by the loader where the KV cache is narrower than ``dtype``
+
     @property
     def dtype(self) -> torch.dtype:
-        """The compute dtype (activations, KV cache); weights may be stored narrower (engine/quant.py)."""
+        """The compute dtype (activations); weights may be stored narrower (engine/quant.py)."""
         return self.decoder.ln_f.weight.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV cache the engine allocates for this model."""
+        return self.kv_dtype or self.dtype
 
     def encode_images(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """crops (N, 729, 588), masks (N, 729) → features (N, 196, D) in the model dtype."""

@@ -306,6 +306,32 @@ def test_caches_do_not_change_answers(vlm, photo):
     assert fresh.token_ids == cached.token_ids
 
 
+def test_chunked_prefill_gives_the_same_answer(vlm, photo):
+    """A prompt prefilled in chunks (image tokens straddling the chunk edges, a cached prefix before them)
+    gets the answer and log-probabilities of a single pass."""
+    engine = vlm.engine
+    conv = image_conversation(photo, "What is this?")
+    follow = conv + [{"role": "assistant", "content": "A photo."}, {"role": "user", "content": "And the colours?"}]
+
+    def answer(chunk, conversations):
+        engine.prefixes.clear()
+        engine.prefill_chunk = chunk
+        try:
+            return [vlm.chat(c, max_new_tokens=6, logprobs=True) for c in conversations]
+        finally:
+            engine.prefill_chunk = 512
+
+    whole = answer(1 << 20, [conv, follow])
+    passes = engine.stats.forward_passes
+    chunked = answer(97, [conv, follow])
+    n = len(vlm.prepare(conv).ids)
+    assert engine.stats.forward_passes - passes >= -(-n // 97) + 5  # the first prompt took several passes
+    assert chunked[1].usage.cached_tokens == whole[1].usage.cached_tokens > 0
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
 def test_prefix_cache_does_not_confuse_different_images(vlm):
     a, b = random_image(640, 480, seed=10), Image.new("RGB", (640, 480), (250, 250, 250))
     vlm.engine.prefixes.clear()

@@ -105,9 +105,11 @@ def test_score_equals_forced_per_token_logprobs(vlm):
     vlm.engine.features.entries.clear()
     before = vlm.engine.stats.forward_passes
     scored = vlm.score(conv, candidates)
-    assert vlm.engine.stats.forward_passes - before == 2  # one shared prefill + one batched pass for all candidates
-
     prompt = vlm.prepare(conv)
+    prefill_passes = -(-len(prompt.ids) // vlm.engine.prefill_chunk)
+    # one shared prefill (in chunks) + one batched pass for all candidates
+    assert vlm.engine.stats.forward_passes - before == prefill_passes + 1
+
     assert scored.usage.prompt_tokens == len(prompt.ids) and scored.usage.image_tokens == prompt.image_tokens
     for cand, result in zip(candidates, scored.candidates, strict=True):
         tokens = vlm.tokenizer.encode(cand)

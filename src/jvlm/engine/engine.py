@@ -135,6 +135,9 @@ class Engine:
         self._stopping = False
         self.on_vision_progress = None  # optional callback (crops_done, crops_total), e.g. for a CLI bar
         self.vision_chunk = 1
+        # prompt tokens per forward pass: a long prompt runs in equal chunks, so its activations stay bounded
+        # (~0.1 GB per 512 tokens at the released geometry) while the linears keep their many-row speed
+        self.prefill_chunk = 512
 
     # ------------------------------------------------------------------ submission / threads
     @property
@@ -285,12 +288,19 @@ class Engine:
             n_cached = 0
         features, feature_pos, vision_s = self._image_features(prompt, n_cached)
         new = torch.tensor(ids[n_cached:], dtype=torch.long)
-        logits = self.model(
-            new, torch.arange(n_cached, len(ids)), [Segment(cache, n_cached, len(new))],
-            image_features=features, image_positions=feature_pos, logits_at=torch.tensor([len(new) - 1]),
-        )
+        chunks = -(-len(new) // max(1, self.prefill_chunk))
+        size = -(-len(new) // chunks)
+        for a in range(0, len(new), size):
+            b = min(a + size, len(new))
+            inside = None if features is None else (feature_pos >= a) & (feature_pos < b)
+            logits = self.model(
+                new[a:b], torch.arange(n_cached + a, n_cached + b), [Segment(cache, n_cached + a, b - a)],
+                image_features=None if inside is None else features[inside],
+                image_positions=None if inside is None else feature_pos[inside] - a,
+                logits_at=torch.tensor([b - a - 1]) if b == len(new) else torch.tensor([], dtype=torch.long),
+            )
+            self.stats.forward_passes += 1
         cache.length = len(ids)
-        self.stats.forward_passes += 1
         self.stats.prompt_tokens += len(ids)
         self.stats.cached_prompt_tokens += n_cached
         return cache, logits[0], n_cached, vision_s

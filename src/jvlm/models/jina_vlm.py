@@ -70,6 +70,8 @@ class JinaVLM(nn.Module):
         h = self.decoder(x, positions, segments)
         if logits_at is not None:
             h = h[logits_at]
+            if not len(h):  # a prompt chunk before the last one: only its KV cache is wanted
+                return torch.empty(0, self.cfg.text.vocab_size)
         return self.lm_head(h).float()
 
 

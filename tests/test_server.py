@@ -171,6 +171,23 @@ def test_models(client, api, server):
     assert [m.id for m in models.data] == [MODEL]
     card = api.get("/v1/models").json()["data"][0]
     assert card["object"] == "model" and card["max_model_len"] == server.vlm.context_length
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert_error(api.get("/v1/models/gpt-4o"), 404, code="model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_assistant_turns_from_the_sdk_replay_as_history(client):
+    """The usual loop: append the returned message (with its null refusal/tool_calls/audio...) and ask again."""
+    messages = [{"role": "user", "content": "Say hi"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "Again"}]
+    assert messages[1]["refusal"] is None and "tool_calls" in messages[1]
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
+                                            response_format={"type": "text"})
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    messages[1]["tool_calls"] = []
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -324,9 +341,10 @@ def test_stop_strings(api):
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("case", [
     "bad_json", "bad_base64", "not_an_image", "not_image_media_type", "local_path", "too_many_images", "tools",
-    "nested_unknown_field", "unknown_role", "bad_temperature", "empty_messages",
+    "nested_unknown_field", "unknown_role", "bad_temperature", "empty_messages", "not_an_object", "string_message",
+    "tool_call_history", "json_mode", "n_over_queue",
 ])
-def test_bad_requests_are_400(api, case):
+def test_bad_requests_are_400(api, server, monkeypatch, case):
     ok_image = data_uri(png_bytes())
     bodies = {
         "bad_base64": {"messages": user("?", "data:image/png;base64,@@not base64@@")},
@@ -340,6 +358,10 @@ def test_bad_requests_are_400(api, case):
         "unknown_role": {"messages": [{"role": "tool", "content": "x"}]},
         "bad_temperature": {"messages": user("hi"), "temperature": -1},
         "empty_messages": {"messages": []},
+        "string_message": {"messages": ["hi"]},
+        "tool_call_history": {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
+        "json_mode": {"messages": user("hi"), "response_format": {"type": "json_object"}},
+        "n_over_queue": {"messages": user("hi"), "n": 8},
     }
     expected = {
         "bad_json": ("invalid_json", None), "bad_base64": ("invalid_image", "messages"),
@@ -349,9 +371,17 @@ def test_bad_requests_are_400(api, case):
         "nested_unknown_field": ("unsupported_parameter", "messages.0.content.0.cache_control"),
         "unknown_role": ("invalid_value", "messages"),
         "bad_temperature": ("invalid_value", "temperature"), "empty_messages": ("invalid_value", "messages"),
+        "not_an_object": ("invalid_request_body", None), "string_message": ("invalid_value", "messages"),
+        "tool_call_history": ("invalid_value", "messages"), "json_mode": ("invalid_value", "response_format"),
+        "n_over_queue": ("invalid_value", "n"),
     }
     if case == "bad_json":
         r = api.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"})
+    elif case == "n_over_queue":
+        monkeypatch.setattr(server.vlm.engine, "max_waiting", 4)  # --max-queue 4: 8 choices can never be queued
+        r = chat(api, **bodies[case])
+    elif case == "not_an_object":
+        r = api.post("/v1/chat/completions", content=b'[5]', headers={"Content-Type": "application/json"})
     else:
         r = chat(api, **bodies[case])
     code, param = expected[case]

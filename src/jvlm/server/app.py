@@ -433,19 +433,34 @@ def create_app(settings: Settings | None = None, vlm: VLM | None = None,
         engine = host.vlm.engine if host.vlm is not None else None
         return PlainTextResponse(metrics.render(engine, host.ready), media_type=CONTENT_TYPE)
 
+    def model_card() -> t.ModelCard:
+        return t.ModelCard(id=settings.served_model_name, created=host.loaded_at, root=settings.model,
+                           max_model_len=host.vlm.context_length)
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"The model '{name}' does not exist; this server serves "
+                             f"'{settings.served_model_name}'.", param="model", code="model_not_found")
+
     @app.get("/v1/models", response_model=t.ModelList, responses=ERROR_RESPONSES)
     async def list_models():
-        card = t.ModelCard(id=settings.served_model_name, created=host.loaded_at, root=settings.model,
-                           max_model_len=host.vlm.context_length)
-        return t.ModelList(data=[card])
+        return t.ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=t.ModelCard, responses=ERROR_RESPONSES)
+    async def retrieve_model(model_id: str):
+        if model_id not in settings.model_names:
+            raise unknown_model(model_id)
+        return model_card()
 
     @app.post(CHAT_ROUTE, response_model=t.ChatCompletion, responses={200: STREAM_RESPONSE, **ERROR_RESPONSES})
     async def chat_completions(body: t.ChatCompletionRequest, request: Request):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout if settings.request_timeout else None
         if body.model is not None and body.model not in settings.model_names:
-            raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                                f"'{settings.served_model_name}'.", param="model", code="model_not_found")
+            raise unknown_model(body.model)
+        queue_size = host.vlm.engine.max_waiting
+        if body.n > queue_size:  # its choices are queued together: they could never all fit
+            raise APIError(400, f"n={body.n} choices do not fit this server's queue of {queue_size} requests "
+                                "(--max-queue).", param="n", code="invalid_value")
         images = sum(m.images for m in body.messages)
         if images > settings.max_images_per_request:
             raise APIError(400, f"The request has {images} images; the limit is {settings.max_images_per_request}.",

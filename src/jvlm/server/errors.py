@@ -107,9 +107,15 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"Unsupported parameter(s): {', '.join(extra)}. jvlm does not implement them.",
                         param=extra[0], code="unsupported_parameter")
     first = errors[0]
-    if first["type"] in ("json_invalid", "model_attributes_type") and tuple(first["loc"])[:1] == ("body",):
+    if first["type"] == "json_invalid" and tuple(first["loc"])[:1] == ("body",):
         ctx = first.get("ctx", {}).get("error", "")
         return APIError(400, f"The request body is not valid JSON{f' ({ctx})' if ctx else ''}.", code="invalid_json")
+    if tuple(first["loc"]) == ("body",):  # valid JSON, but not an object (or no body at all)
+        sent = type(first.get("input")).__name__ if first.get("input") is not None else "nothing"
+        sent = {"list": "an array", "str": "a string", "int": "a number", "float": "a number",
+                "bool": "a boolean", "NoneType": "null"}.get(sent, sent)
+        return APIError(400, f"The request body must be a JSON object with 'messages'; got {sent}.",
+                        code="invalid_request_body")
     param = str(first["loc"][1]) if len(first["loc"]) > 1 else None  # the top-level field
     details = "; ".join(f"{_path(e['loc'])}: {e['msg']}" for e in errors[:5])
     return APIError(400, f"Invalid request: {details}", param=param, code="invalid_value")

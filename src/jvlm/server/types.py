@@ -42,6 +42,13 @@ class Message(_Strict):
         description="'developer' is treated as 'system'.")
     content: str | list[ContentPart]
     name: str | None = Field(None, description="Accepted and ignored.")
+    # what an OpenAI SDK puts in an assistant message it returned (``message.model_dump()``), so a client can
+    # replay it as history: accepted when empty, a 400 naming the field otherwise (jvlm has no tools or audio)
+    refusal: str | None = Field(None, description="Accepted and ignored (an assistant turn replayed as history).")
+    annotations: Annotated[list[Any], Field(max_length=0)] | None = Field(None, description="Only null or [].")
+    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = Field(None, description="Only null or [].")
+    function_call: None = Field(None, description="Only null.")
+    audio: None = Field(None, description="Only null.")
 
     @property
     def images(self) -> int:
@@ -52,6 +59,10 @@ class Message(_Strict):
         if isinstance(self.content, str):
             return {"role": role, "content": self.content}
         return {"role": role, "content": [p.model_dump(exclude_none=True) for p in self.content]}
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"] = Field(description="Only 'text' (the default): jvlm has no JSON mode.")
 
 
 class StreamOptions(_Strict):
@@ -79,6 +90,7 @@ class ChatCompletionRequest(_Strict):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs=true.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    response_format: ResponseFormat | None = None
     # jvlm extras
     top_k: int | None = Field(None, ge=0, description="0 = off.")
     repetition_penalty: float | None = Field(None, gt=0, description="HF-style, over prompt and output.")

@@ -391,7 +391,14 @@ def test_bad_inputs_raise_typed_errors_before_compute(vlm, tmp_path):
         vlm.chat([{"role": "user", "content": "x"}], temperature=-1)
     with pytest.raises(InvalidRequestError, match="max_new_tokens"):
         vlm.chat([{"role": "user", "content": "x"}], max_new_tokens=0)
+    with pytest.raises(InvalidRequestError, match="seed must be a 64-bit integer"):
+        vlm.chat([{"role": "user", "content": "x"}], seed=2**64)
+    with pytest.raises(InvalidRequestError, match="special tokens"):
+        vlm.score([{"role": "user", "content": "x"}], ["<|image|>", "no"])
     assert vlm.engine.stats.forward_passes == passes
+    for bad in (0, -1, 2.5):
+        with pytest.raises(InvalidRequestError, match="max_batch"):
+            jvlm.engine.engine.Engine(vlm.model, vlm.tokenizer, set(), 64, max_batch=bad)
 
 
 def test_prompt_longer_than_context(tmp_path):

@@ -84,12 +84,15 @@ def test_failed_load_is_reported(tiny_dir):
         assert "config.json is missing" in error["message"]
 
 
-def test_serve_main_exits_1_when_the_model_cannot_load(tmp_path):
+def test_serve_main_exits_1_when_the_model_cannot_load(tmp_path, capsys, caplog):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "missing"), "--port", "0", "--log-level", "critical"])
+    args = parser.parse_args(["-m", str(tmp_path / "missing"), "--port", "0", "--log-level", "error"])
     assert serve_main(args) == 1
+    failure = [r for r in caplog.records if "loading model" in r.getMessage()]
+    assert failure and failure[0].exc_info is None  # a typed error is one line, not a traceback
     assert serve_main(parser.parse_args(["--max-batch", "0"])) == 2  # invalid settings
+    assert "invalid settings: --max-batch: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- a strict server

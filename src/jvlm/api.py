@@ -146,6 +146,10 @@ class VLM:
             raise InvalidRequestError(f"at most 256 candidates can be scored at once, got {len(candidates)}")
         prompt = self.prepare(conversation, max_crops=max_crops, max_pixels=max_pixels)
         token_lists = [self.tokenizer.encode(c) for c in candidates]
+        outputs = self.model.cfg.text.vocab_size  # ids past the head (image markers…) can never be generated
+        for c, tokens in zip(candidates, token_lists, strict=True):
+            if any(t >= outputs for t in tokens):
+                raise InvalidRequestError(f"candidate {c!r} contains special tokens the model never generates")
         per_token = self.engine.score(prompt, token_lists)
         totals = torch.tensor([sum(lp) for lp in per_token], dtype=torch.float64)
         probs = torch.softmax(totals, dim=0).tolist()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextLengthError, OverloadedError
+from ..errors import ContextLengthError, InvalidRequestError, OverloadedError
 from ..models.decoder import Segment
 from ..models.jina_vlm import JinaVLM
 from ..processor import Prompt
@@ -119,6 +119,9 @@ class Engine:
         feature_cache_bytes: int = 256 << 20,
         prefix_cache_bytes: int = 1 << 30,
     ):
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(eos_ids)
         self.context_length = context_length

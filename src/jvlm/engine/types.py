@@ -47,8 +47,9 @@ class SamplingParams:
             bad("presence_penalty", self.presence_penalty, "in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", self.seed, "an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            bad("seed", self.seed, "a 64-bit integer")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", self.stop, "a tuple of non-empty strings")
         k = self.top_logprobs

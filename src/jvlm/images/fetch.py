@@ -282,8 +282,11 @@ def _decode(data: bytes, label: str, limits: ImageLimits) -> Image.Image:
             rgb = to_rgb(_orient(image))
     except JvlmError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image {label} is too large: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own hard limit (~179M pixels) hit before ours
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "more pixels than Pillow opens"
+        raise ImageTooLargeError(
+            f"image {label} is {pixels}, over the limit of {limits.max_pixels:,} pixels") from exc
     except Image.UnidentifiedImageError as exc:
         known = "" if limits.formats is None else f"; accepted: {', '.join(_formats(limits))}"
         raise ImageError(f"image {label} is not a recognised image format (or its header is damaged{known})") from exc

@@ -36,7 +36,7 @@ from .. import __version__
 from ..engine.sampling import SamplingParams
 from ..engine.types import ChatDelta, ChatResult
 from ..engine.types import TokenLogprob as EngineTokenLogprob
-from ..errors import OverloadedError
+from ..errors import JvlmError, OverloadedError
 from . import types as t
 from .errors import EXCEPTION_HANDLERS, APIError, from_jvlm, internal_error, loading_response
 from .images import make_image_loader, with_pixel_budget
@@ -100,7 +100,9 @@ class ModelHost:
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             self.state = "failed"
-            log.error("loading model %s failed: %s", self.settings.model, self.error, exc_info=e)
+            # jvlm's own errors (no snapshot, a broken checkpoint…) say what is wrong in one line
+            log.error("loading model %s failed: %s", self.settings.model, self.error,
+                      exc_info=None if isinstance(e, JvlmError) else e)
             if self.on_failure is not None:
                 self.on_failure()
             return

@@ -27,7 +27,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if "(default" not in help:
             help += f" (default: {field.default})"
         flag = "--" + name.replace("_", "-")
-        if kind is bool:
+        if name == "model":  # the same short flag as `jvlm chat -m`
+            parser.add_argument("-m", flag, dest=name, default=None, metavar="MODEL", help=help)
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, dest=name, nargs="+", default=None, metavar="HOST", help=help)
@@ -68,7 +70,9 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as e:
-        print(f"jvlm serve: invalid settings: {e}", file=sys.stderr)
+        problems = "; ".join(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
+                             for err in e.errors())
+        print(f"jvlm serve: invalid settings: {problems}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(settings)

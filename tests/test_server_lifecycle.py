@@ -159,25 +159,42 @@ def test_full_queue_is_503(strict, authed):
 
 
 # ---------------------------------------------------------------------------------------------- SIGTERM
-def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_dir):
+def start_subprocess_server(tiny_dir, *flags: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "jvlm.server", "--model", str(tiny_dir), "--port", str(port),
-         "--log-level", "warning", "--shutdown-timeout", "20"],
+         "--log-level", "warning", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "JVLM_API_KEY": ""},
     )
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                return httpx.get(url + "/ready").status_code == 200
-            except httpx.TransportError:
-                return False
 
+    def ready() -> bool:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            return httpx.get(url + "/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
         wait_until(ready, 60, "the subprocess server to be ready")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+    return proc, url
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_dir):
+    proc, url = start_subprocess_server(tiny_dir, "--shutdown-timeout", "20")
+    try:
         body = {"model": MODEL, "messages": user("Count."), "max_tokens": 40, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -190,6 +207,28 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_dir):
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
+
+
+def test_sigterm_past_the_shutdown_timeout_answers_503(tiny_dir):
+    """Requests still generating at the deadline get jvlm's 503 (a final error event on a stream), not a cut
+    connection or a bare 500."""
+    proc, url = start_subprocess_server(tiny_dir, "--shutdown-timeout", "1")
+    try:
+        body = {"model": MODEL, "messages": user("Count."), "max_tokens": 7000, "temperature": 0}
+        answers = {}
+        plain = threading.Thread(target=lambda: answers.update(
+            plain=httpx.post(url + "/v1/chat/completions", json=body, timeout=60)))
+        plain.start()
+        with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/chat/completions",
+                                                      json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            wait_until(lambda: '"content": "' in next(lines), 30, "the first token")
+            proc.send_signal(signal.SIGTERM)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        plain.join(60)
+        assert_error(answers["plain"], 503, code="cancelled")
+        assert json.loads(events[-1])["error"]["code"] == "cancelled"
+        assert proc.wait(30) == 0
+    finally:
+        stop(proc)

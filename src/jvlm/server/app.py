@@ -110,6 +110,18 @@ class ModelHost:
         self.state = "ready"
         log.info("model %s ready (loaded and warmed up in %.1fs)", self.settings.model, time.perf_counter() - t0)
 
+    def cancel_after(self, seconds: float) -> None:
+        """On shutdown: what is still generating after ``seconds`` is cancelled, so each such request gets
+        jvlm's 503 (or a final error event on a stream) before the server's own deadline cuts connections."""
+        def cancel() -> None:
+            if self.vlm is not None:
+                log.warning("shutdown timeout: cancelling the requests still in flight")
+                self.vlm.engine.cancel_all()
+
+        timer = threading.Timer(seconds, cancel)
+        timer.daemon = True
+        timer.start()
+
     def close(self, timeout: float) -> None:
         self._closed = True
         if self.vlm is not None:

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 
 from .settings import Settings
 
+SHUTDOWN_GRACE_S = 5.0  # after --shutdown-timeout: for cancelled requests to send their 503s
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per ``Settings`` field (``max_batch`` → ``--max-batch``); unset flags keep the defaults."""
@@ -76,10 +78,18 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout)
-    server = uvicorn.Server(config)
     host = app.state.host
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:  # the first signal: jvlm cancels its own requests at the deadline
+                host.cancel_after(settings.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline comes a little later: by then the cancelled requests have had their answers
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
+    server = Server(config)
 
     def stop() -> None:
         server.should_exit = True

@@ -342,7 +342,7 @@ def test_stop_strings(api):
 @pytest.mark.parametrize("case", [
     "bad_json", "bad_base64", "not_an_image", "not_image_media_type", "local_path", "too_many_images", "tools",
     "nested_unknown_field", "unknown_role", "bad_temperature", "empty_messages", "not_an_object", "string_message",
-    "tool_call_history", "json_mode", "n_over_queue",
+    "tool_call_history", "json_mode", "n_over_queue", "stream_options_without_stream", "nan_temperature",
 ])
 def test_bad_requests_are_400(api, server, monkeypatch, case):
     ok_image = data_uri(png_bytes())
@@ -362,6 +362,7 @@ def test_bad_requests_are_400(api, server, monkeypatch, case):
         "tool_call_history": {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}]},
         "json_mode": {"messages": user("hi"), "response_format": {"type": "json_object"}},
         "n_over_queue": {"messages": user("hi"), "n": 8},
+        "stream_options_without_stream": {"messages": user("hi"), "stream_options": {"include_usage": True}},
     }
     expected = {
         "bad_json": ("invalid_json", None), "bad_base64": ("invalid_image", "messages"),
@@ -374,12 +375,18 @@ def test_bad_requests_are_400(api, server, monkeypatch, case):
         "not_an_object": ("invalid_request_body", None), "string_message": ("invalid_value", "messages"),
         "tool_call_history": ("invalid_value", "messages"), "json_mode": ("invalid_value", "response_format"),
         "n_over_queue": ("invalid_value", "n"),
+        "stream_options_without_stream": ("invalid_value", "stream_options"),
+        "nan_temperature": ("invalid_value", "temperature"),
     }
     if case == "bad_json":
         r = api.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"})
     elif case == "n_over_queue":
         monkeypatch.setattr(server.vlm.engine, "max_waiting", 4)  # --max-queue 4: 8 choices can never be queued
         r = chat(api, **bodies[case])
+    elif case == "nan_temperature":  # Python's json module writes (and FastAPI reads) a bare NaN
+        r = api.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
+                     b'"temperature": NaN}', headers={"Content-Type": "application/json"})
+        assert "finite" in r.json()["error"]["message"]
     elif case == "not_an_object":
         r = api.post("/v1/chat/completions", content=b'[5]', headers={"Content-Type": "application/json"})
     else:

@@ -69,6 +69,8 @@ def parse_choices(text: str) -> list[str]:
     choices = [c.strip() for c in text.split(",")]
     if len(choices) < 2 or not all(choices):
         raise UsageError(f"--choices needs at least two non-empty, comma-separated answers, got {text!r}")
+    if len(set(choices)) < len(choices):
+        raise UsageError(f"--choices lists an answer twice: {text!r}")
     return choices
 
 
@@ -284,7 +286,11 @@ def chat_main(args: argparse.Namespace) -> int:
 
     sampling = dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     SamplingParams(**sampling)  # validate now, before the model loads
-    choices = parse_choices(args.choices) if args.choices else None
+    choices = parse_choices(args.choices) if args.choices is not None else None
+    if args.logprobs is not None and not args.json:
+        raise UsageError("--logprobs adds log-probabilities to the --json output: add --json")
+    if args.model is not None and not args.model.strip():
+        raise UsageError("-m/--model is empty: give a snapshot directory or a hub id")
     interactive = not args.prompt and sys.stdin.isatty() and not args.json and not choices
     prompts = list(args.prompt)
     if not prompts and not interactive:

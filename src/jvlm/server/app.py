@@ -471,6 +471,9 @@ def create_app(settings: Settings | None = None, vlm: VLM | None = None,
         deadline = loop.time() + settings.request_timeout if settings.request_timeout else None
         if body.model is not None and body.model not in settings.model_names:
             raise unknown_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true.", param="stream_options",
+                           code="invalid_value")
         queue_size = host.vlm.engine.max_waiting
         if body.n > queue_size:  # its choices are queued together: they could never all fit
             raise APIError(400, f"n={body.n} choices do not fit this server's queue of {queue_size} requests "

@@ -79,21 +79,23 @@ class ChatCompletionRequest(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Most tokens to generate (clamped to what the context leaves).")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or unset = greedy (jvlm's default).")
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, allow_inf_nan=False, ge=0, le=2,
+                                      description="0 or unset = greedy (jvlm's default).")
+    top_p: float | None = Field(None, allow_inf_nan=False, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="A 64-bit integer.")
     stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = Field(
         None, description="A string or up to 16; the text ends before the first one found.")
     n: int = Field(1, ge=1, le=8, description="Choices to generate for the same prompt.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, allow_inf_nan=False, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, allow_inf_nan=False, ge=-2, le=2)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20, description="Needs logprobs=true.")
     user: str | None = Field(None, description="Accepted and ignored.")
     response_format: ResponseFormat | None = None
     # jvlm extras
     top_k: int | None = Field(None, ge=0, description="0 = off.")
-    repetition_penalty: float | None = Field(None, gt=0, description="HF-style, over prompt and output.")
+    repetition_penalty: float | None = Field(None, allow_inf_nan=False, gt=0,
+                                             description="HF-style, over prompt and output.")
     max_crops: int | None = Field(None, ge=1, le=64, description="Most image crops (tiles) per image.")
     max_pixels: int | None = Field(None, ge=1, description="Resize each image to at most this many pixels.")
 

@@ -319,7 +319,7 @@ def test_chunked_prefill_gives_the_same_answer(vlm, photo):
         try:
             return [vlm.chat(c, max_new_tokens=6, logprobs=True) for c in conversations]
         finally:
-            engine.prefill_chunk = 512
+            engine.prefill_chunk = 2048
 
     whole = answer(1 << 20, [conv, follow])
     passes = engine.stats.forward_passes

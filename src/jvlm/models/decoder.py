@@ -138,14 +138,14 @@ class Attention(nn.Module):
         outputs = []
         offset = 0
         group = self.n_heads // self.n_kv_heads
-        if T == len(segments):  # decode steps only: queries in the cache's dtype once (bfloat16 for int8)
-            q = q.to(segments[0].cache.k[layer].dtype)
+        if any(seg.length == 1 for seg in segments):  # decode steps read the cache with queries in its dtype
+            q_decode = q.to(segments[0].cache.k[layer].dtype)  # once per layer (bfloat16 for int8)
         for seg in segments:
             s, n = seg.start, seg.length
             k_cache, v_cache = seg.cache.k[layer], seg.cache.v[layer]  # (Hkv, capacity, hd)
             if n == 1:  # a decode step: the few ops per sequence matter when many sequences decode together
                 k_cache[:, s], v_cache[:, s] = k[offset], v[offset]
-                qg = q[offset].view(1, self.n_kv_heads, group, self.head_dim).to(k_cache.dtype)  # grouped by key head
+                qg = q_decode[offset].view(1, self.n_kv_heads, group, self.head_dim)  # query heads grouped by key head
                 y = F.scaled_dot_product_attention(qg, k_cache[None, :, : s + 1], v_cache[None, :, : s + 1])
                 outputs.append(y.view(1, -1))
                 offset += 1

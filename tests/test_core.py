@@ -401,6 +401,32 @@ def test_bad_inputs_raise_typed_errors_before_compute(vlm, tmp_path):
             jvlm.engine.engine.Engine(vlm.model, vlm.tokenizer, set(), 64, max_batch=bad)
 
 
+def test_arguments_of_the_wrong_kind_are_typed_errors(vlm):
+    passes = vlm.engine.stats.forward_passes
+    conv = [{"role": "user", "content": "x"}]
+    for name in ("logprobs", "stream"):
+        for truthy in ("yes", 1):
+            with pytest.raises(InvalidRequestError, match=f"{name} must be True or False, got {truthy!r}"):
+                vlm.chat(conv, **{name: truthy})
+    with pytest.raises(InvalidRequestError, match="conversation 1 of the batch must be a list of messages, got str"):
+        vlm.chat([conv, "hi"])
+    with pytest.raises(InvalidRequestError, match="conversation 1 of the batch .* got dict"):
+        vlm.chat(([conv[0]], conv[0]))
+    for bad in (None, 3, ""):
+        with pytest.raises(InvalidRequestError, match="load expects a model: a snapshot directory path or a hub"):
+            jvlm.load(bad)
+    assert vlm.engine.stats.forward_passes == passes
+
+
+def test_a_tuple_conversation_is_a_conversation(vlm):
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "how are you?"}]
+    expected = vlm.chat(conv, max_new_tokens=3).text
+    assert vlm.chat(tuple(conv), max_new_tokens=3).text == expected
+    assert [r.text for r in vlm.chat((tuple(conv), conv), max_new_tokens=3)] == [expected, expected]
+    assert vlm.score(tuple(conv), ["yes", "no"]).candidates
+
+
 def test_prompt_longer_than_context(tmp_path):
     small = jvlm.load(write_tiny_checkpoint(tmp_path / "short", max_sequence_length=512))
     with pytest.raises(ContextLengthError, match="512"):

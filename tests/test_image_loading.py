@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jvlm.errors import ImageError, ImageFetchError, ImageTooLargeError
+from jvlm.errors import ImageError, ImageFetchError, ImageTooLargeError, InvalidRequestError
 from jvlm.images.fetch import ImageLimits, UrlPolicy, image_digest, load_image
 
 
@@ -236,6 +236,15 @@ def test_byte_limit(tmp_path: Path):
         with pytest.raises(ImageTooLargeError, match=f"{limits.max_bytes:,}"):
             load_image(source, limits=limits)
     assert load_image(data, limits=ImageLimits(max_bytes=len(data))).size == (24, 16)
+
+
+@pytest.mark.parametrize(("setting", "value"), [
+    ("max_bytes", -1), ("max_bytes", True), ("max_pixels", 0), ("fetch_timeout", "5"), ("fetch_timeout", 0),
+    ("max_redirects", -1), ("formats", "PNG"),
+])
+def test_bad_limits_are_typed_errors_naming_the_setting(setting, value):
+    with pytest.raises(InvalidRequestError, match=f"ImageLimits.{setting}"):  # still a ValueError, as before
+        ImageLimits(**{setting: value})
 
 
 # --------------------------------------------------------------------------------------------

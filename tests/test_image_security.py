@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jvlm.errors import ImageError, ImageFetchError
+from jvlm.errors import ImageError, ImageFetchError, InvalidRequestError
 from jvlm.images import safe_http
 from jvlm.images.fetch import ImageLimits, UrlPolicy, load_image
 from jvlm.images.safe_http import address_block_reason
@@ -313,9 +313,12 @@ def test_allowed_host_names(port, server, net):
 
 
 def test_policy_validation(tmp_path):
-    for bad in ("", "bad host!", "a..b", 3):
-        with pytest.raises(ValueError):
+    for bad in ("", "bad host!", "a..b", 3, "10.0.0.0/33", "10.0.0.0/8x", "a.test/x"):
+        with pytest.raises(InvalidRequestError, match="allowed_hosts"):  # a ValueError too, as before
             UrlPolicy(allowed_hosts=(bad,))
+    with pytest.raises(InvalidRequestError, match=r"'10\.0\.0\.0/33' is not a valid network"):
+        UrlPolicy(allowed_hosts=("10.0.0.0/33",))  # not silently the host name "10.0.0.0"
+    assert UrlPolicy(allowed_hosts=("10.1.0.0/16",)).address_listed("10.1.2.3")
     policy = UrlPolicy(allowed_hosts=["A.test"], allow_file_dir=str(tmp_path))
     assert policy.allowed_hosts == ("A.test",) and policy.allow_file_dir == tmp_path
     assert UrlPolicy(allowed_hosts="a.test").allowed_hosts == ("a.test",)

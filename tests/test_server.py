@@ -7,6 +7,7 @@ Cold start, auth, the queue bound, the context limit and SIGTERM are in test_ser
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import socket
@@ -343,6 +344,7 @@ def test_stop_strings(api):
     "bad_json", "bad_base64", "not_an_image", "not_image_media_type", "local_path", "too_many_images", "tools",
     "nested_unknown_field", "unknown_role", "bad_temperature", "empty_messages", "not_an_object", "string_message",
     "tool_call_history", "json_mode", "n_over_queue", "stream_options_without_stream", "nan_temperature",
+    "logprobs_not_bool",
 ])
 def test_bad_requests_are_400(api, server, monkeypatch, case):
     ok_image = data_uri(png_bytes())
@@ -363,6 +365,7 @@ def test_bad_requests_are_400(api, server, monkeypatch, case):
         "json_mode": {"messages": user("hi"), "response_format": {"type": "json_object"}},
         "n_over_queue": {"messages": user("hi"), "n": 8},
         "stream_options_without_stream": {"messages": user("hi"), "stream_options": {"include_usage": True}},
+        "logprobs_not_bool": {"messages": user("hi"), "logprobs": "yes"},
     }
     expected = {
         "bad_json": ("invalid_json", None), "bad_base64": ("invalid_image", "messages"),
@@ -376,7 +379,7 @@ def test_bad_requests_are_400(api, server, monkeypatch, case):
         "tool_call_history": ("invalid_value", "messages"), "json_mode": ("invalid_value", "response_format"),
         "n_over_queue": ("invalid_value", "n"),
         "stream_options_without_stream": ("invalid_value", "stream_options"),
-        "nan_temperature": ("invalid_value", "temperature"),
+        "nan_temperature": ("invalid_value", "temperature"), "logprobs_not_bool": ("invalid_value", "logprobs"),
     }
     if case == "bad_json":
         r = api.post("/v1/chat/completions", content=b'{"messages": [', headers={"Content-Type": "application/json"})
@@ -396,6 +399,34 @@ def test_bad_requests_are_400(api, server, monkeypatch, case):
     assert error["type"] == "invalid_request_error"
     if case == "tools":
         assert "tools" in error["message"]
+
+
+@pytest.mark.parametrize(("case", "status", "code", "says"), [
+    ("not_utf8", 400, "invalid_json", "not UTF-8 encoded JSON"),
+    ("latin1_charset", 400, "invalid_json", "declared as charset=latin-1, but JSON must be sent as UTF-8"),
+    ("huge_integer", 400, "invalid_json", "number too large to parse"),
+    ("deeply_nested", 400, "invalid_json", "nested too deeply"),
+    ("gzip", 415, "unsupported_content_encoding", "Content-Encoding gzip is not supported; send an uncompressed body"),
+])
+def test_unparseable_bodies_are_errors_that_say_why(api, case, status, code, says):
+    """Not FastAPI's generic 'There was an error parsing the body' without a code (415 for a content coding
+    jvlm does not decode, RFC 9110 §15.5.16)."""
+    json_type = {"Content-Type": "application/json"}
+    hi = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1'
+    content, headers = {
+        "not_utf8": (hi + b', "user": "\xff\xfe"}', json_type),
+        "latin1_charset": ('{"messages": [{"role": "user", "content": "caf\u00e9"}]}'.encode("latin-1"),
+                           {"Content-Type": "application/json; charset=latin-1"}),
+        "huge_integer": (hi + b', "seed": ' + b"9" * 5000 + b"}", json_type),
+        "deeply_nested": (hi + b', "user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", json_type),
+        "gzip": (gzip.compress(hi + b"}"), {**json_type, "Content-Encoding": "gzip"}),
+    }[case]
+    error = assert_error(api.post("/v1/chat/completions", content=content, headers=headers), status, code=code)
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+    if case == "latin1_charset":  # a declared charset is not refused as such: ASCII is the same in UTF-8
+        ascii_body = api.post("/v1/chat/completions", content=hi + b"}",
+                              headers={"Content-Type": "application/json; charset=latin-1"})
+        assert ascii_body.status_code == 200, ascii_body.text
 
 
 def test_unknown_model_is_404(api, client):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class VLM:
     # ------------------------------------------------------------------ the public call
     def chat(
         self,
-        conversation: list[dict] | list[list[dict]],
+        conversation: Sequence[dict] | Sequence[Sequence[dict]],
         *,
         stream: bool = False,
         max_new_tokens: int = 512,
@@ -102,7 +102,7 @@ class VLM:
         """Answer one conversation, or a batch of them decoded together.
 
         Args:
-            conversation: a list of messages (``{"role", "content"}``, content a string or a list of
+            conversation: a list (or tuple) of messages (``{"role", "content"}``, content a string or a list of
                 ``{"type": "text", "text"}`` / ``{"type": "image", "image": path | URL | data URI | bytes | PIL}``
                 parts), or a list of such conversations (a batch).
             stream: return an iterator of ``ChatDelta`` (with ``.index`` telling the conversation apart)
@@ -114,8 +114,9 @@ class VLM:
             a ``ChatResult`` (one conversation), a list of them (a batch), or an iterator of deltas.
             Every problem with the input raises a ``jvlm.errors`` exception before any model compute.
         """
-        batch = _is_batch(conversation)
-        conversations = conversation if batch else [conversation]
+        if not isinstance(stream, bool):  # a truthy "no" would otherwise return an iterator
+            raise InvalidRequestError(f"stream must be True or False, got {stream!r}")
+        conversations, batch = _conversations(conversation)
         if isinstance(stop, str):
             stop = [stop]
         if stop is not None and not isinstance(stop, (list, tuple)):
@@ -162,8 +163,20 @@ class VLM:
         self.engine.stop()
 
 
-def _is_batch(conversation: Any) -> bool:
-    return isinstance(conversation, list) and bool(conversation) and all(isinstance(c, list) for c in conversation)
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
+def _conversations(conversation: Any) -> tuple[list, bool]:
+    """(the conversations, whether it is a batch): a sequence whose first item is itself a sequence of
+    messages is a batch, and then every item must be one (each conversation is checked later)."""
+    if not (_is_sequence(conversation) and conversation and _is_sequence(conversation[0])):
+        return [conversation], False
+    for i, c in enumerate(conversation):
+        if not _is_sequence(c):
+            raise InvalidRequestError(
+                f"conversation {i} of the batch must be a list of messages, got {type(c).__name__}")
+    return list(conversation), True
 
 
 def _merge_streams(handles: list[RequestHandle]) -> Iterator[ChatDelta]:
@@ -204,6 +217,9 @@ def load(
             local paths; ``UrlPolicy(allow_private=True)`` on a trusted network).
         engine_options: passed to ``Engine`` (max_batch, cache budgets, ...).
     """
+    if not isinstance(model, (str, os.PathLike)) or (isinstance(model, str) and not model.strip()):
+        raise InvalidRequestError(f"load expects a model: a snapshot directory path or a hub repo id such as "
+                                  f"'{DEFAULT_MODEL}', got {model!r}")
     try:
         fmt = resolve_format(dtype)
     except ValueError as e:

@@ -8,7 +8,7 @@ absolute positions of the ``<im_patch>`` tokens recorded here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,7 @@ def _check_text(text: str, where: str) -> str:
 def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
     """Validate the list-of-messages format; return template messages (images as placeholders) and the
     image sources in order of appearance."""
-    if not isinstance(conversation, list) or not conversation:
+    if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes, bytearray)) or not conversation:
         raise InvalidRequestError("a conversation must be a non-empty list of messages")
     messages, sources = [], []
     for i, message in enumerate(conversation):

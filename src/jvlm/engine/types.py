@@ -52,6 +52,8 @@ class SamplingParams:
             bad("seed", self.seed, "a 64-bit integer")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", self.stop, "a tuple of non-empty strings")
+        if not isinstance(self.logprobs, bool):  # "no" or "false" would otherwise switch them on
+            bad("logprobs", self.logprobs, "True or False")
         k = self.top_logprobs
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20:
             bad("top_logprobs", self.top_logprobs, "an integer in [0, 20]")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from jvlm.errors import ImageError, ImageTooLargeError, JvlmError
+from jvlm.errors import ImageError, ImageTooLargeError, InvalidRequestError, JvlmError
 from jvlm.images import safe_http
 from jvlm.images.safe_http import UrlPolicy
 
@@ -51,18 +51,19 @@ class ImageLimits:
     max_redirects: int = 5
     formats: tuple[str, ...] | None = DEFAULT_FORMATS  # Pillow decoders tried; None = every installed one
 
-    def __post_init__(self) -> None:  # a bad setting is a programming error, hence ValueError
+    def __post_init__(self) -> None:  # a bad setting is a bad argument: InvalidRequestError, a ValueError
         for name in ("max_bytes", "max_pixels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
-        if not self.fetch_timeout > 0:
-            raise ValueError(f"ImageLimits.fetch_timeout must be > 0, got {self.fetch_timeout!r}")
-        if not isinstance(self.max_redirects, int) or self.max_redirects < 0:
-            raise ValueError(f"ImageLimits.max_redirects must be >= 0, got {self.max_redirects!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+        timeout = self.fetch_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise InvalidRequestError(f"ImageLimits.fetch_timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int) or self.max_redirects < 0:
+            raise InvalidRequestError(f"ImageLimits.max_redirects must be an integer >= 0, got {self.max_redirects!r}")
         if self.formats is not None:
             if isinstance(self.formats, str) or not self.formats or not all(isinstance(f, str) for f in self.formats):
-                raise ValueError(f"ImageLimits.formats must be format names or None, got {self.formats!r}")
+                raise InvalidRequestError(f"ImageLimits.formats must be format names or None, got {self.formats!r}")
             object.__setattr__(self, "formats", tuple(f.upper() for f in self.formats))
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpcore
 import httpx
 
-from jvlm.errors import ImageError, ImageFetchError
+from jvlm.errors import ImageError, ImageFetchError, InvalidRequestError
 
 __all__ = ["UrlPolicy", "address_block_reason", "fetch"]
 
@@ -102,20 +102,22 @@ class UrlPolicy:
         default=(), init=False, repr=False, compare=False
     )
 
-    def __post_init__(self) -> None:  # a bad setting is a programming error, hence ValueError
+    def __post_init__(self) -> None:  # a bad setting is a bad argument: InvalidRequestError, a ValueError
         hosts = (self.allowed_hosts,) if isinstance(self.allowed_hosts, str) else tuple(self.allowed_hosts)
         names, suffixes, networks = set(), [], []
         for entry in hosts:
             if not isinstance(entry, str) or not entry.strip():
-                raise ValueError(f"UrlPolicy.allowed_hosts entries must be non-empty strings, got {entry!r}")
+                raise InvalidRequestError(f"UrlPolicy.allowed_hosts entries must be non-empty strings, got {entry!r}")
             text = entry.strip().lower().rstrip(".")
             if text.startswith("[") and text.endswith("]"):
                 text = text[1:-1]
             try:
                 networks.append(ipaddress.ip_network(text, strict=False))
                 continue
-            except ValueError:
-                pass
+            except ValueError as e:
+                if "/" in text:  # meant as a network: never fall back to reading it as a host name
+                    raise InvalidRequestError(f"UrlPolicy.allowed_hosts entry {entry!r} is not a valid network "
+                                              f"({e})") from None
             if text.startswith("*."):
                 suffixes.append("." + _ascii_host(text[2:], entry))
             else:
@@ -144,7 +146,7 @@ def _ascii_host(text: str, entry: str) -> str:
     except (httpx.InvalidURL, UnicodeError):
         host = ""
     if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", host):
-        raise ValueError(f"UrlPolicy.allowed_hosts entry {entry!r} is not a host name, address or network")
+        raise InvalidRequestError(f"UrlPolicy.allowed_hosts entry {entry!r} is not a host name, address or network")
     return host
 
 

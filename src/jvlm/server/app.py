@@ -38,6 +38,7 @@ from ..engine.types import ChatDelta, ChatResult
 from ..engine.types import TokenLogprob as EngineTokenLogprob
 from ..errors import JvlmError, OverloadedError
 from . import types as t
+from .body import JSONBodyRoute
 from .errors import EXCEPTION_HANDLERS, APIError, from_jvlm, internal_error, loading_response
 from .images import make_image_loader, with_pixel_budget
 from .metrics import CONTENT_TYPE, Metrics
@@ -200,6 +201,11 @@ class EdgeMiddleware:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, Response | None]:
         """Read the whole body (at most ``max_body_bytes``) and hand the app a receive that replays it."""
+        encodings = [v.decode("latin-1").strip() for k, v in scope["headers"] if k == b"content-encoding"]
+        encoding = ", ".join(e for e in encodings if e and e.lower() != "identity")
+        if encoding:  # nothing decompresses it, and JSON parsing would fail on it with a less clear message
+            return receive, APIError(415, f"Content-Encoding {encoding} is not supported; send an uncompressed body.",
+                                     code="unsupported_content_encoding").response()
         limit = self.settings.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
@@ -422,6 +428,7 @@ def create_app(settings: Settings | None = None, vlm: VLM | None = None,
 
     app = FastAPI(title="jvlm", version=__version__, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS,
                   description="OpenAI-compatible chat completions for jina-vlm.")
+    app.router.route_class = JSONBodyRoute  # body parse failures say what is wrong (see body.py)
     app.add_middleware(EdgeMiddleware, host=host, metrics=metrics)
     app.state.host, app.state.metrics, app.state.settings = host, metrics, settings
     app.openapi = functools.partial(_openapi, app)

@@ -48,6 +48,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class BodyError(StarletteHTTPException):
+    """A request body that cannot be parsed, raised while FastAPI parses it: FastAPI lets HTTP exceptions
+    through as they are (any other becomes its generic 400 without a code), so this carries jvlm's error out."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
 def from_jvlm(exc: JvlmError) -> APIError:
     """The status table for library errors (most specific class first)."""
     message = str(exc)
@@ -136,14 +145,21 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return _validation_error(exc).response()
 
 
+async def body_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyError)
+    return exc.error.response()
+
+
 async def http_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    # 400: FastAPI's own "There was an error parsing the body", should a body still fail in a way jvlm misses
+    code = {400: "invalid_request_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
 
 
 EXCEPTION_HANDLERS = {
     APIError: api_error_handler,
+    BodyError: body_error_handler,
     JvlmError: jvlm_error_handler,
     RequestValidationError: validation_error_handler,
     StarletteHTTPException: http_error_handler,

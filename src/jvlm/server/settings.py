@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..hub import DEFAULT_MODEL
+from ..images.safe_http import UrlPolicy
 
 
 class Settings(BaseModel):
@@ -66,6 +67,12 @@ class Settings(BaseModel):
     def _existing_directory(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
             raise ValueError(f"allow_file_dir {str(value)!r} is not an existing directory")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        UrlPolicy(allowed_hosts=tuple(value))  # a bad entry raises InvalidRequestError (a ValueError) naming it
         return value
 
     @property

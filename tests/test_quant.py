@@ -277,6 +277,39 @@ def test_format_image_features_agree(formats, fmt):
     assert rel(b, a) < BOUNDS[fmt][0]
 
 
+def test_int8_decoder_linear_inputs_are_scratch(formats, monkeypatch):
+    """The decoder's int8 linears scale their input in place (quant.SCRATCH_INPUT_MODULES), so the model must
+    never read such an input after the call: overwriting each one with NaN right after it must change no logit
+    (prefill with an image, a batch, decode steps)."""
+    vlm = formats["int8"]
+    scratch = [name for name, m in vlm.model.named_modules() if getattr(m, "input_is_scratch", False)]
+    assert scratch and all(name.startswith("decoder.layers.") for name in scratch), scratch
+    conversations = [image_conversation(random_image(640, 480, seed=6), "What is here?"),
+                     [{"role": "user", "content": PROMPTS[0]}]]
+
+    def logits_seen():
+        seen, accept = [], vlm.engine._accept
+        with monkeypatch.context() as patch:
+            patch.setattr(vlm.engine, "_accept", lambda r, logits: (seen.append(logits.float().clone()),
+                                                                    accept(r, logits))[1])
+            vlm.engine.prefixes.clear()
+            vlm.chat(conversations, max_new_tokens=5)
+        return torch.stack(seen)
+
+    clean = logits_seen()
+    forward = quant.Int8Linear.forward
+
+    def poisoning_forward(self, x):
+        y = forward(self, x)
+        if self.input_is_scratch:
+            x.fill_(float("nan"))
+        return y
+
+    monkeypatch.setattr(quant.Int8Linear, "forward", poisoning_forward)
+    poisoned = logits_seen()
+    assert torch.equal(clean, poisoned)
+
+
 def test_int8_chat_end_to_end(formats):
     """The engine runs the int8 model like any other: images, batches, streaming, the prefix cache."""
     vlm = formats["int8"]

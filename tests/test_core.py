@@ -306,6 +306,50 @@ def test_caches_do_not_change_answers(vlm, photo):
     assert fresh.token_ids == cached.token_ids
 
 
+def test_a_new_prefill_runs_in_slices_while_others_decode(vlm, photo, monkeypatch):
+    """A request that is decoding keeps getting tokens while a new image prompt is prefilled (a crop or a
+    chunk of prompt tokens per step), a request cancelled mid-prefill ends at once, and every answer is the
+    one each request gets alone."""
+    from jvlm.engine.sampling import SamplingParams
+
+    engine = vlm.engine
+    monkeypatch.setattr(engine, "eos_ids", set())  # the story must outlast the image prompt's prefill
+    story, image = [{"role": "user", "content": "Tell me a long story"}], image_conversation(photo, "What is it?")
+    engine.prefixes.clear()
+    engine.features.entries.clear()
+    alone_story = vlm.chat(story, max_new_tokens=40).token_ids
+    alone_image = vlm.chat(image, max_new_tokens=5).token_ids
+    engine.prefixes.clear()
+    engine.features.entries.clear()
+    monkeypatch.setattr(engine, "prefill_slice_s", 0.0)  # one unit of prefill work per step
+    monkeypatch.setattr(engine, "sliced_prefill_chunk", 100)
+
+    decoding = engine.submit(vlm.prepare(story), SamplingParams(max_new_tokens=40))
+    engine.step()
+    assert len(decoding._request.generated) == 1
+    passes = engine.stats.forward_passes
+    sliced = engine.submit(vlm.prepare(image), SamplingParams(max_new_tokens=5))
+    steps = 0
+    while not sliced._request.generated:
+        engine.step()
+        steps += 1
+    crops = len(vlm.prepare(image).images[0].inputs.crops)
+    chunks = -(-len(vlm.prepare(image).ids) // 100)
+    assert steps == crops + chunks  # a unit per step, each followed by a decode step of the story
+    assert len(decoding._request.generated) == 1 + steps
+    assert engine.stats.forward_passes - passes == chunks + steps
+
+    cancelled = engine.submit(vlm.prepare(image_conversation(random_image(500, 400, seed=9))),
+                              SamplingParams(max_new_tokens=5))
+    engine.step()
+    assert cancelled._request.prefill is not None  # under way
+    cancelled.cancel()
+    engine.step()
+    assert cancelled.result().finish_reason == "cancelled" and cancelled._request.prefill is None
+    assert sliced.result().token_ids == alone_image
+    assert decoding.result().token_ids == alone_story
+
+
 def test_chunked_prefill_gives_the_same_answer(vlm, photo):
     """A prompt prefilled in chunks (image tokens straddling the chunk edges, a cached prefix before them)
     gets the answer and log-probabilities of a single pass."""
@@ -399,6 +443,9 @@ def test_bad_inputs_raise_typed_errors_before_compute(vlm, tmp_path):
     for bad in (0, -1, 2.5):
         with pytest.raises(InvalidRequestError, match="max_batch"):
             jvlm.engine.engine.Engine(vlm.model, vlm.tokenizer, set(), 64, max_batch=bad)
+    for name, bad in (("prefill_slice_s", -1), ("prefill_slice_s", float("nan")), ("sliced_prefill_chunk", 0)):
+        with pytest.raises(InvalidRequestError, match=name):
+            jvlm.engine.engine.Engine(vlm.model, vlm.tokenizer, set(), 64, **{name: bad})
 
 
 def test_arguments_of_the_wrong_kind_are_typed_errors(vlm):

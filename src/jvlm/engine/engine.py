@@ -3,6 +3,9 @@
 Continuous batching: every ``step()`` first prefills newly submitted requests, then runs one decode
 step over every running sequence at once (a ragged batch: no padding, each sequence attends only to
 its own cache). A request joins at the next step and leaves as soon as it finishes or is cancelled.
+While other requests are decoding, a new prompt's prefill runs in slices (a crop of the vision tower, a
+chunk of prompt tokens) between their decode steps, so their streams slow down instead of stopping
+for the whole vision + prefill time (~14 s for one photo at the released size on a 2-core CPU).
 
 The same engine serves every face. Without a background thread, whoever iterates a handle drives
 ``step()`` (the library, the CLI); with ``start()`` a single thread owns the model and handles only
@@ -15,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +55,7 @@ class _Request:
     events: queue.Queue
     budget: int  # max new tokens after clamping to the context
     cache: KVCache | None = None
+    prefill: Generator | None = None  # the prefill still under way (Engine._prompt_work)
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted: int = 0  # characters of text already sent
@@ -118,10 +122,17 @@ class Engine:
         max_waiting: int = 256,
         feature_cache_bytes: int = 256 << 20,
         prefix_cache_bytes: int = 1 << 30,
+        prefill_slice_s: float = 0.5,
+        sliced_prefill_chunk: int = 256,
     ):
-        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting)):
+        for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting),
+                            ("sliced_prefill_chunk", sliced_prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(prefill_slice_s, bool) or not isinstance(prefill_slice_s, (int, float)) or \
+                not prefill_slice_s >= 0:
+            raise InvalidRequestError(f"prefill_slice_s must be a number of seconds >= 0 (inf: never slice), "
+                                      f"got {prefill_slice_s!r}")
         self.model, self.tokenizer = model, tokenizer
         self.eos_ids = set(eos_ids)
         self.context_length = context_length
@@ -143,6 +154,14 @@ class Engine:
         # for the 1074-token image prompt, chunks of ≤ 512 cost +6% prefill time and ≤ 1024 +3-4%, so a prompt
         # of one or two images still runs in one pass
         self.prefill_chunk = 2048
+        # while others decode, a new prompt's prefill gets about this many seconds per step (at least one unit
+        # of work: a crop of the vision tower, or a chunk of at most ``sliced_prefill_chunk`` prompt tokens).
+        # Measured at the released size (int8, one photo of 7 crops + 1074 tokens, another request decoding):
+        # its longest wait for a token 14 s → 1.4-1.6 s, the photo's first token 0.6-1.9 s later (the other's
+        # decode steps in between, and the 256-token chunks)
+        self.prefill_slice_s = prefill_slice_s
+        self.sliced_prefill_chunk = sliced_prefill_chunk
+        self._slicing = False
 
     # ------------------------------------------------------------------ submission / threads
     @property
@@ -241,7 +260,7 @@ class Engine:
                     self._waiting.remove(r)
             for r in dropped:
                 self._finish(r, "cancelled")
-            admitted = []
+            decoding = [r for r in self._running if r.prefill is None]  # those with a token before this step
             while len(self._running) < self.max_batch:
                 with self._lock:
                     if not self._waiting:
@@ -250,19 +269,43 @@ class Engine:
                 if r.cancelled:
                     self._finish(r, "cancelled")
                     continue
+                r.prefill = self._prompt_work(r.prompt, len(r.prompt.ids) + r.budget)
                 self._running.append(r)
-                admitted.append(r)
-                self._prefill(r)
-                if self._running and len(self._running) > len(admitted):
-                    break  # others are decoding: let them advance between prefills
-            decoding = [r for r in self._running if r not in admitted]
+            prefilling = [r for r in self._running if r.prefill is not None]
+            # nobody waiting on a token: every prefill runs through (one pass per prompt, as fast as it gets)
+            self._slicing = bool(decoding)
+            deadline = time.perf_counter() + self.prefill_slice_s if decoding else float("inf")
+            for r in prefilling:
+                self._advance_prefill(r, deadline)
+                if time.perf_counter() >= deadline:
+                    break
+            decoding = [r for r in decoding if r.finish_reason is None]
             if decoding:
                 self._decode(decoding)
-            return bool(admitted or decoding)
+            return bool(prefilling or decoding)
 
-    def _image_features(self, prompt: Prompt, start: int) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+    def _advance_prefill(self, r: _Request, deadline: float) -> None:
+        """Run units of ``r``'s prefill until it is done (its first token) or the deadline has passed."""
+        r.t_prefill = r.t_prefill or time.perf_counter()
+        try:
+            while True:
+                next(r.prefill)
+                if time.perf_counter() >= deadline:
+                    return
+        except StopIteration as done:
+            r.prefill = None
+            r.cache, logits, r.cached_tokens, r.vision_s = done.value
+            r.prefill_s = time.perf_counter() - r.t_prefill
+            self._accept(r, logits)
+        except Exception as e:  # one broken request must not take the others down
+            r.prefill = None
+            r.error = f"{type(e).__name__}: {e}"
+            self._finish(r, "error")
+
+    def _image_features(self, prompt: Prompt, start: int) -> Generator[None, None, tuple]:
         """Features and their positions (relative to ``start``) for image tokens at or after ``start``,
-        plus the seconds spent in the vision tower (0 when every image came from the feature cache)."""
+        plus the seconds spent in the vision tower (0 when every image came from the feature cache).
+        A unit of work per ``vision_chunk`` crops (see ``_prompt_work``)."""
         feats, positions, vision_s = [], [], 0.0
         for image in prompt.images:
             pos = image.positions  # (N, 196)
@@ -271,9 +314,16 @@ class Engine:
                 continue
             features = self.features.get(image.key)
             if features is None:
-                t0 = time.perf_counter()
-                features = self._encode(image.inputs.crops, image.inputs.masks)
-                vision_s += time.perf_counter() - t0
+                crops, masks, parts = image.inputs.crops, image.inputs.masks, []
+                for i in range(0, len(crops), self.vision_chunk):
+                    t0 = time.perf_counter()
+                    parts.append(self.model.encode_images(crops[i:i + self.vision_chunk],
+                                                          masks[i:i + self.vision_chunk]))
+                    vision_s += time.perf_counter() - t0
+                    if self.on_vision_progress is not None:
+                        self.on_vision_progress(min(i + self.vision_chunk, len(crops)), len(crops))
+                    yield
+                features = torch.cat(parts)
                 self.features.put(image.key, features)
             feats.append(features[wanted])
             positions.append(pos[wanted] - start)
@@ -281,8 +331,15 @@ class Engine:
             return None, None, vision_s
         return torch.cat(feats), torch.cat(positions), vision_s
 
-    def _run_prompt(self, prompt: Prompt, capacity: int) -> tuple[KVCache, torch.Tensor, int, float]:
-        """Prefill a prompt into a new cache (reusing a cached prefix): → (cache, last logits, cached, vision_s)."""
+    def _prompt_work(self, prompt: Prompt, capacity: int) -> Generator[None, None, tuple]:
+        """Prefill a prompt into a new cache (reusing a cached prefix) → (cache, last logits, cached, vision_s).
+
+        A generator that yields between units of work (a crop of the vision tower, a chunk of prompt
+        tokens), so that ``step`` can run decode steps of other requests in between; ``_run_through``
+        runs it in one go. While ``_slicing``, chunks hold at most ``sliced_prefill_chunk`` tokens;
+        otherwise the prompt runs in equal chunks of at most ``prefill_chunk`` (one pass for one or two
+        images: every chunk streams the weights again).
+        """
         ids = prompt.ids
         source, n_cached = self.prefixes.lookup(prompt.cache_key())
         n_cached = min(n_cached, len(ids) - 1)  # always run at least the last token
@@ -291,12 +348,16 @@ class Engine:
             cache.copy_prefix(source, n_cached)
         else:
             n_cached = 0
-        features, feature_pos, vision_s = self._image_features(prompt, n_cached)
+        features, feature_pos, vision_s = yield from self._image_features(prompt, n_cached)
         new = torch.tensor(ids[n_cached:], dtype=torch.long)
-        chunks = -(-len(new) // max(1, self.prefill_chunk))
-        size = -(-len(new) // chunks)
-        for a in range(0, len(new), size):
-            b = min(a + size, len(new))
+        a = 0
+        while a < len(new):
+            left = len(new) - a
+            if self._slicing:
+                size = min(left, max(1, self.sliced_prefill_chunk))
+            else:
+                size = -(-left // -(-left // max(1, self.prefill_chunk)))  # equal chunks of ≤ prefill_chunk
+            b = a + size
             inside = None if features is None else (feature_pos >= a) & (feature_pos < b)
             logits = self.model(
                 new[a:b], torch.arange(n_cached + a, n_cached + b), [Segment(cache, n_cached + a, b - a)],
@@ -305,30 +366,21 @@ class Engine:
                 logits_at=torch.tensor([b - a - 1]) if b == len(new) else torch.tensor([], dtype=torch.long),
             )
             self.stats.forward_passes += 1
+            a = b
+            if a < len(new):
+                yield
         cache.length = len(ids)
         self.stats.prompt_tokens += len(ids)
         self.stats.cached_prompt_tokens += n_cached
         return cache, logits[0], n_cached, vision_s
 
-    def _encode(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Vision tower + connector, a few crops at a time so progress can be reported."""
-        if self.on_vision_progress is None:
-            return self.model.encode_images(crops, masks)
-        out = []
-        for i in range(0, len(crops), self.vision_chunk):
-            out.append(self.model.encode_images(crops[i:i + self.vision_chunk], masks[i:i + self.vision_chunk]))
-            self.on_vision_progress(min(i + self.vision_chunk, len(crops)), len(crops))
-        return torch.cat(out)
-
-    def _prefill(self, r: _Request) -> None:
-        r.t_prefill = time.perf_counter()
-        try:
-            r.cache, logits, r.cached_tokens, r.vision_s = self._run_prompt(r.prompt, len(r.prompt.ids) + r.budget)
-            r.prefill_s = time.perf_counter() - r.t_prefill
-            self._accept(r, logits)
-        except Exception as e:  # one broken request must not take the others down
-            r.error = f"{type(e).__name__}: {e}"
-            self._finish(r, "error")
+    @staticmethod
+    def _run_through(work: Generator):
+        while True:
+            try:
+                next(work)
+            except StopIteration as done:
+                return done.value
 
     def score(self, prompt: Prompt, candidates: list[list[int]]) -> list[list[float]]:
         """Log-probabilities of each candidate's tokens as the continuation of ``prompt``.
@@ -344,7 +396,8 @@ class Engine:
                 f"the prompt ({len(prompt.ids)} tokens) plus the longest candidate ({longest} tokens) does not fit "
                 f"the model's context of {self.context_length} tokens")
         with self._step_lock, torch.inference_mode():
-            shared, first, _, _ = self._run_prompt(prompt, len(prompt.ids))
+            self._slicing = False
+            shared, first, _, _ = self._run_through(self._prompt_work(prompt, len(prompt.ids)))
             first_logp = torch.log_softmax(first.float(), dim=-1)
             out = [[float(first_logp[c[0]])] for c in candidates]
             rest = [(i, c) for i, c in enumerate(candidates) if len(c) > 1]
@@ -442,6 +495,9 @@ class Engine:
             return
         r.finish_reason = reason
         now = time.perf_counter()
+        if r.prefill is not None:  # cancelled mid-prefill: its cache and features go now
+            r.prefill.close()
+            r.prefill = None
         if r in self._running:
             self._running.remove(r)
         if r.cache is not None:

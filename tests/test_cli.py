@@ -65,7 +65,9 @@ def runs_table(w: Path) -> dict[str, dict]:
         "single_jvlm": dict(cmd=JVLM + ["chat", *one]),
         "single_infer": dict(cmd=INFER + one),
         "batch": dict(cmd=CLI + ["chat", *batch]),
-        "batch_stream": dict(cmd=INFER + batch + ["--stream"]),
+        # the images of "batch" after one -i, as the shell passes an unquoted pics/*.png
+        "batch_stream": dict(cmd=INFER + batch[:2] + ["-i", str(w / "red.png"), str(w / "pics" / "a.png"),
+                                                      str(w / "pics" / "b.png")] + batch[6:] + ["--stream"]),
         "json": dict(cmd=CLI + ["chat", "-m", tiny, "--json", "--system", "Answer briefly.", "-p", "Hello!",
                                 "-p", "Name three colours.", "--max-tokens", "6"]),
         "autodetect_stdin": dict(cmd=CLI + ["chat", "--max-tokens", "5"], cwd=tiny, input="Say hi.\n"),
@@ -161,6 +163,8 @@ def test_stream_prints_the_same_answers(runs):
     streamed, whole = ok(runs, "batch_stream").stdout, ok(runs, "batch").stdout
     assert "Conversation 1/2" in streamed and "Conversation 2/2" in streamed
     assert responses(streamed) == responses(whole)  # greedy: streaming changes nothing
+    images = re.findall(r"^│   [├└]── (.*)$", streamed, flags=re.M)
+    assert [Path(p).name for p in images] == ["red.png", "a.png", "b.png"] * 2  # several images after one -i
 
 
 def test_json_schema_text_only(runs):

@@ -77,8 +77,9 @@ def parse_choices(text: str) -> list[str]:
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="snapshot directory or hub id (default: the current directory when it "
                    f"holds config.json, else {DEFAULT_MODEL} from the Hugging Face cache)")
-    p.add_argument("-i", "--image", action="append", default=[], metavar="IMAGE",
-                   help="image path, http(s) URL or glob pattern (sorted); repeat for several images")
+    p.add_argument("-i", "--image", action="extend", nargs="+", default=[], metavar="IMAGE",
+                   help="image path, http(s) URL or glob pattern (sorted); several after one -i (an unquoted "
+                        "*.jpg the shell expanded) or -i repeated")
     p.add_argument("-p", "--prompt", action="append", default=[],
                    help="a prompt; repeat for several conversations over the same images, run as one batch. "
                    "Without -p: an interactive chat on a terminal, else the prompt is read from stdin")

@@ -24,7 +24,8 @@ from .models.jina_vlm import JinaVLM, map_official_names
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
-CHUNK_BYTES = 64 << 20  # rows read (and converted) per step: bounds the loader's temporary memory
+CHUNK_BYTES = 8 << 20  # rows read (and converted) per step: bounds the loader's temporary memory, and small
+# enough that converting a block just read runs in the CPU caches (int8: the whole load ~25% faster than 64 MiB)
 
 
 class SafetensorsFile:

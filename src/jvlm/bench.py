@@ -35,6 +35,9 @@ FOLLOW_UP = "What colours dominate it?"
 IMAGE_ANSWER_TOKENS = 8  # the image prompt's answer: its first token is the TTFT, the rest decode at ~1.1k context
 FORMATS = ("int8", "bfloat16", "float32")
 SLOW_FORMATS = ("float32",)  # one image-prompt repeat and 12 decoded tokens: keeps the run under 10 minutes
+# a phase's wall time ÷ the first jvlm format's (int8), measured on a 2-core AVX-512 VM: estimates whether an
+# optional phase still fits the time budget
+PHASE_COST = {"int8": 1.0, "bfloat16": 1.35, "float32": 1.55, "float16": 2.0}
 REFERENCES = ("bfloat16", "float32")
 
 
@@ -822,6 +825,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait-idle", type=float, default=10.0,
                         help="before each timed section wait up to this many seconds for other processes to "
                              "leave the CPUs idle (shared machines; 0 = never wait)")
+    parser.add_argument("--time-budget", type=float, default=570.0,
+                        help="seconds: formats after the first are measured only while the run's estimated end "
+                             "stays within this (default 570, so a run stays under 10 minutes; 0 = measure all)")
     parser.add_argument("--cache-dir", default=str(Path("~/.cache/jvlm/bench").expanduser()),
                         help="where the full-size random checkpoint is written once and reused")
     parser.add_argument("--quality", action="store_true",
@@ -844,16 +850,29 @@ def bench_main(args: argparse.Namespace) -> int:
     formats = [f for f in args.formats.split(",") if f]
     references = [] if args.reference in ("", "none") else [r for r in args.reference.split(",") if r]
     phases = ["machine"] + [f"jvlm:{f}" for f in formats] + [f"reference:{r}" for r in references]
+    # what the targets need runs first (the machine, the first format, the reference); the other formats
+    # follow while the time budget allows
+    optional = [f"jvlm:{f}" for f in formats[1:]]
+    order = [p for p in phases if p not in optional] + optional
     if args.quality:
-        phases = ["quality:float32"] + [f"quality:{f}" for f in formats if f != "float32"]
+        phases = order = ["quality:float32"] + [f"quality:{f}" for f in formats if f != "float32"]
     if args.kernels:
-        phases = ["kernels"]
+        phases = order = ["kernels"]
     results = {}
-    for phase in phases:
+    for phase in order:
+        if phase in optional and args.time_budget and f"jvlm:{formats[0]}" in results:
+            first = results[f"jvlm:{formats[0]}"]["phase_wall_s"]
+            estimate = first * PHASE_COST.get(phase.partition(":")[2], 2.0) / PHASE_COST.get(formats[0], 1.0)
+            if _now() - t_start + estimate > args.time_budget:
+                results[phase] = {"skipped": f"it would have ended the run past --time-budget {args.time_budget:.0f} s "
+                                             f"(estimated {estimate:.0f} s at {_now() - t_start:.0f} s)"}
+                log(f"[{_now() - t_start:5.0f}s] {phase} skipped: {results[phase]['skipped']}")
+                continue
         log(f"[{_now() - t_start:5.0f}s] {phase} ...")
         results[phase] = _run_subprocess(args, phase, snap)
         if "error" in results[phase]:
             log(f"  failed: {results[phase]['error']}")
+    results = {p: results[p] for p in phases if p in results}  # report order
     total = _now() - t_start
     command = "python benchmarks/bench.py " + " ".join(_argv_tail())
     if args.kernels:
@@ -913,7 +932,7 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
 
     rows = []
     for phase, r in results.items():
-        if phase == "machine" or "error" in r:
+        if phase == "machine" or "error" in r or "skipped" in r:
             continue
         kind, _, fmt = phase.partition(":")
         vision_flops = costs["vision_flops_per_crop_jvlm" if kind == "jvlm" else "vision_flops_per_crop_reference"]
@@ -1037,6 +1056,9 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
     errors = {p: r["error"] for p, r in results.items() if "error" in r}
     for p, e in errors.items():
         lines.append(f"- {p} failed: {e}")
+    for p, r in results.items():
+        if "skipped" in r:
+            lines.append(f"- {p} not measured: {r['skipped']}")
     return "\n".join(lines) + "\n"
 
 

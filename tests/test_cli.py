@@ -69,7 +69,7 @@ def runs_table(w: Path) -> dict[str, dict]:
         "batch_stream": dict(cmd=INFER + batch[:2] + ["-i", str(w / "red.png"), str(w / "pics" / "a.png"),
                                                       str(w / "pics" / "b.png")] + batch[6:] + ["--stream"]),
         "json": dict(cmd=CLI + ["chat", "-m", tiny, "--json", "--system", "Answer briefly.", "-p", "Hello!",
-                                "-p", "Name three colours.", "--max-tokens", "6"]),
+                                "-p", "Name three colours.", "--max-tokens", "6", "--threads", "1"]),
         "autodetect_stdin": dict(cmd=CLI + ["chat", "--max-tokens", "5"], cwd=tiny, input="Say hi.\n"),
         "logprobs": dict(cmd=CLI + ["chat", "-m", tiny, "--json", "-p", "Hi", "--max-tokens", "3",
                                     "--logprobs", "2"]),
@@ -98,6 +98,7 @@ def runs_table(w: Path) -> dict[str, dict]:
         "err_offline": dict(cmd=CLI + ["chat", "-p", "x"], cwd=str(w / "empty"), code=EXIT_ERROR,
                             word="jinaai/jina-vlm", env={"HF_HOME": str(w / "hf_home")}),
         "err_bad_flag": dict(cmd=CLI + [*chat, "--max-crops", "0"], code=EXIT_USAGE, word="--max-crops"),
+        "err_threads": dict(cmd=CLI + [*chat, "--threads", "0"], code=EXIT_USAGE, word="--threads"),
         "err_bad_temperature": dict(cmd=INFER + chat[1:] + ["--temperature", "-1"], code=EXIT_USAGE,
                                     word="temperature"),
     }
@@ -247,7 +248,7 @@ def test_errors_are_one_line_with_an_exit_code(runs, name):
     assert "Traceback" not in p.stderr and p.stdout == ""
     error_lines = [line for line in p.stderr.splitlines() if "error: " in line]
     assert len(error_lines) == 1 and spec["word"] in error_lines[0], p.stderr
-    if name not in ("err_bad_flag", "err_logprobs"):  # argparse adds its usage lines; ours are one line
+    if name not in ("err_bad_flag", "err_logprobs", "err_threads"):  # argparse adds its usage lines; ours: one
         assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
 
 

@@ -462,7 +462,21 @@ def test_arguments_of_the_wrong_kind_are_typed_errors(vlm):
     for bad in (None, 3, ""):
         with pytest.raises(InvalidRequestError, match="load expects a model: a snapshot directory path or a hub"):
             jvlm.load(bad)
+    for bad in (0, "2", 1.5, True):
+        with pytest.raises(InvalidRequestError, match="threads must be an integer >= 1"):
+            jvlm.load(vlm.snapshot, threads=bad)
     assert vlm.engine.stats.forward_passes == passes
+
+
+def test_load_sets_the_thread_count(tiny_dir):
+    before = torch.get_num_threads()
+    try:
+        one = jvlm.load(tiny_dir, threads=1)
+        assert torch.get_num_threads() == 1
+        assert one.chat([{"role": "user", "content": "hi"}], max_new_tokens=2).usage.completion_tokens >= 1
+        one.close()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_tuple_conversation_is_a_conversation(vlm):

@@ -93,6 +93,8 @@ def test_serve_main_exits_1_when_the_model_cannot_load(tmp_path, capsys, caplog)
     assert failure and failure[0].exc_info is None  # a typed error is one line, not a traceback
     assert serve_main(parser.parse_args(["--max-batch", "0"])) == 2  # invalid settings
     assert "invalid settings: --max-batch: Input should be greater than or equal to 1" in capsys.readouterr().err
+    assert serve_main(parser.parse_args(["--threads", "0"])) == 2
+    assert "invalid settings: --threads: Input should be greater than or equal to 1" in capsys.readouterr().err
     assert serve_main(parser.parse_args(["--allowed-hosts", "10.0.0.0/33"])) == 2  # not a network: no traceback
     assert "invalid settings: --allowed-hosts: Value error, UrlPolicy.allowed_hosts entry '10.0.0.0/33' is not a " \
            "valid network" in capsys.readouterr().err

@@ -202,6 +202,7 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     image_limits: ImageLimits | None = None,
     url_policy: UrlPolicy | None = None,
+    threads: int | None = None,
     **engine_options,
 ) -> VLM:
     """Load jina-vlm from a snapshot directory or a hub repo id (resolved through the HF cache).
@@ -215,6 +216,9 @@ def load(
         image_limits: byte / pixel limits for images.
         url_policy: which image URLs may be fetched (default: public ``http(s)`` hosts, ``data:`` URIs and
             local paths; ``UrlPolicy(allow_private=True)`` on a trusted network).
+        threads: torch's intra-op threads, for the whole process (default: torch's own, the number of
+            physical cores: on CPUs with two hardware threads per core, more threads only compete for the
+            same vector units).
         engine_options: passed to ``Engine`` (max_batch, cache budgets, ...).
     """
     if not isinstance(model, (str, os.PathLike)) or (isinstance(model, str) and not model.strip()):
@@ -224,6 +228,10 @@ def load(
         fmt = resolve_format(dtype)
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InvalidRequestError(f"threads must be an integer >= 1, got {threads!r}")
+        torch.set_num_threads(threads)
     snapshot = resolve_snapshot(model)
     cfg = JinaVLMConfig.from_file(snapshot / "config.json")
     tokenizer = TextTokenizer(snapshot)

@@ -92,6 +92,7 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "int8"), default="float32",
                    help="weight format: float32 (reference numerics), bfloat16, or int8 (fastest; see README)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: the physical cores)")
     p.add_argument("--stream", action="store_true", help="print answers token by token")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per conversation (text, usage, timings) and nothing else")
@@ -307,7 +308,7 @@ def chat_main(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     t0 = time.perf_counter()
     try:
-        vlm = jvlm.load(model, args.dtype, progress=progress.loading)
+        vlm = jvlm.load(model, args.dtype, progress=progress.loading, threads=args.threads)
     finally:
         progress.stop()
     progress.note(f"Loaded {vlm.snapshot} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")

@@ -64,7 +64,7 @@ STREAM_RESPONSE = {"content": {"text/event-stream": {"schema": {  # before OpenA
 def load_vlm(settings: Settings) -> VLM:
     import jvlm
 
-    return jvlm.load(settings.model, dtype=settings.dtype, max_batch=settings.max_batch,
+    return jvlm.load(settings.model, dtype=settings.dtype, threads=settings.threads, max_batch=settings.max_batch,
                      max_waiting=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_bytes,
                      feature_cache_bytes=settings.image_cache_bytes)
 

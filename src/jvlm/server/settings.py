@@ -23,6 +23,7 @@ class Settings(BaseModel):
     served_model_name: str = Field(
         "jina-vlm", description="Model name reported by /v1/models; requests may also name --model as given.")
     dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field("float32", description="Weight format.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: the physical cores).")
     max_batch: int = Field(16, ge=1, description="Most sequences decoded together in one step.")
     max_queue: int = Field(
         64, ge=1, description="Most requests waiting beyond the max_batch running ones (reading their body, loading "

@@ -180,7 +180,8 @@ class Int8Linear(nn.Module):
 
     PACK_BLOCK_BYTES = 64 << 20
     # True where the caller never reads the input again (the decoder's linears, set by ``swap_modules``):
-    # the per-token scaling then runs in place, ~5% of a long prefill (no fresh buffer the size of the input)
+    # the per-token scaling then runs in place instead of into a fresh buffer the size of the input (with
+    # the SwiGLU and rotary passes saved in models/decoder.py, a 1074-token prefill ~1.5% faster)
     input_is_scratch = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32):

@@ -17,7 +17,7 @@ from .engine.engine import Engine, RequestHandle
 from .engine.quant import resolve_format, tune_allocator
 from .engine.sampling import SamplingParams
 from .engine.types import CandidateScore, ChatDelta, ChatResult, ScoreResult, Usage
-from .errors import CheckpointError, InvalidRequestError
+from .errors import CheckpointError, InvalidRequestError, check_positive_int
 from .hub import DEFAULT_MODEL, resolve_snapshot
 from .images.fetch import ImageLimits, UrlPolicy
 from .images.tiling import ImageProcessorConfig
@@ -229,8 +229,7 @@ def load(
     except ValueError as e:
         raise InvalidRequestError(str(e)) from None
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InvalidRequestError(f"threads must be an integer >= 1, got {threads!r}")
+        check_positive_int("threads", threads)
         torch.set_num_threads(threads)
     snapshot = resolve_snapshot(model)
     cfg = JinaVLMConfig.from_file(snapshot / "config.json")

@@ -38,3 +38,9 @@ class ContextLengthError(InvalidRequestError):
 
 class OverloadedError(JvlmError):
     """The engine's queue is full; retry later."""
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """An argument that counts something: an int ≥ 1 (not a bool, not a float), else InvalidRequestError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")

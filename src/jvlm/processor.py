@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .errors import ImageError, InvalidRequestError
+from .errors import ImageError, InvalidRequestError, check_positive_int
 from .images.fetch import ImageLimits, UrlPolicy, image_digest, load_image
 from .images.tiling import ImageInputs, ImageProcessorConfig, ImageTokenIds, preprocess_image
 from .tokenizer import TextTokenizer
@@ -144,11 +144,9 @@ class Processor:
         add_generation_prompt: bool = True,
         image_loader: Callable[[Any], Image.Image] | None = None,
     ) -> Prompt:
-        if max_crops is not None and (not isinstance(max_crops, int) or isinstance(max_crops, bool) or max_crops < 1):
-            raise InvalidRequestError(f"max_crops must be an integer >= 1, got {max_crops!r}")
-        if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool)
-                                       or max_pixels < 1):
-            raise InvalidRequestError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+        for name, value in (("max_crops", max_crops), ("max_pixels", max_pixels)):
+            if value is not None:
+                check_positive_int(name, value)
         messages, sources = normalize_conversation(conversation)
         text = self.tokenizer.render(messages, add_generation_prompt=add_generation_prompt)
         ids = self.tokenizer.encode(text)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextLengthError, InvalidRequestError, OverloadedError
+from ..errors import ContextLengthError, InvalidRequestError, OverloadedError, check_positive_int
 from ..models.decoder import Segment
 from ..models.jina_vlm import JinaVLM
 from ..processor import Prompt
@@ -127,8 +127,7 @@ class Engine:
     ):
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting),
                             ("sliced_prefill_chunk", sliced_prefill_chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
+            check_positive_int(name, value)
         if isinstance(prefill_slice_s, bool) or not isinstance(prefill_slice_s, (int, float)) or \
                 not prefill_slice_s >= 0:
             raise InvalidRequestError(f"prefill_slice_s must be a number of seconds >= 0 (inf: never slice), "

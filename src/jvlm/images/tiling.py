@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jvlm.errors import CheckpointError, ImageError, InvalidRequestError
+from jvlm.errors import CheckpointError, ImageError, check_positive_int
 from jvlm.images.fetch import to_rgb
 
 __all__ = [
@@ -503,12 +503,9 @@ def _normalize(x: torch.Tensor, config: ImageProcessorConfig) -> torch.Tensor:
 def _check_options(max_crops: int | None, max_pixels: int | None, config: ImageProcessorConfig) -> int:
     if max_crops is None:
         max_crops = config.max_crops
-    if isinstance(max_crops, bool) or not isinstance(max_crops, int) or max_crops < 1:
-        raise InvalidRequestError(f"max_crops must be an integer >= 1, got {max_crops!r}")
-    if max_pixels is not None and (
-        isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
-    ):
-        raise InvalidRequestError(f"max_pixels must be an integer >= 1, got {max_pixels!r}")
+    check_positive_int("max_crops", max_crops)
+    if max_pixels is not None:
+        check_positive_int("max_pixels", max_pixels)
     return max_crops
 
 

@@ -471,10 +471,10 @@ def test_arguments_of_the_wrong_kind_are_typed_errors(vlm):
 def test_load_sets_the_thread_count(tiny_dir):
     before = torch.get_num_threads()
     try:
-        one = jvlm.load(tiny_dir, threads=1)
-        assert torch.get_num_threads() == 1
-        assert one.chat([{"role": "user", "content": "hi"}], max_new_tokens=2).usage.completion_tokens >= 1
-        one.close()
+        with jvlm.load(tiny_dir, threads=1) as one:  # a context manager: closed (its engine stopped) on exit
+            assert torch.get_num_threads() == 1
+            assert one.chat([{"role": "user", "content": "hi"}], max_new_tokens=2).usage.completion_tokens >= 1
+        assert one.engine._stopping
     finally:
         torch.set_num_threads(before)
 

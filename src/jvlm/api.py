@@ -160,7 +160,14 @@ class VLM:
         return ScoreResult(scored, usage)
 
     def close(self) -> None:
+        """Cancel what is still running and stop the engine's thread (if ``start``ed)."""
         self.engine.stop()
+
+    def __enter__(self) -> VLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _is_sequence(value: Any) -> bool:
@@ -219,7 +226,8 @@ def load(
         threads: torch's intra-op threads, for the whole process (default: torch's own, the number of
             physical cores: on CPUs with two hardware threads per core, more threads only compete for the
             same vector units).
-        engine_options: passed to ``Engine`` (max_batch, cache budgets, ...).
+        engine_options: passed to ``Engine`` (max_batch, max_waiting, feature_cache_bytes,
+            prefix_cache_bytes, prefill_slice_s, sliced_prefill_chunk).
     """
     if not isinstance(model, (str, os.PathLike)) or (isinstance(model, str) and not model.strip()):
         raise InvalidRequestError(f"load expects a model: a snapshot directory path or a hub repo id such as "

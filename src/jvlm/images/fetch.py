@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from jvlm.errors import ImageError, ImageTooLargeError, InvalidRequestError, JvlmError
+from jvlm.errors import ImageError, ImageTooLargeError, InvalidRequestError, JvlmError, check_positive_int
 from jvlm.images import safe_http
 from jvlm.images.safe_http import UrlPolicy
 
@@ -53,9 +53,7 @@ class ImageLimits:
 
     def __post_init__(self) -> None:  # a bad setting is a bad argument: InvalidRequestError, a ValueError
         for name in ("max_bytes", "max_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+            check_positive_int(f"ImageLimits.{name}", getattr(self, name))
         timeout = self.fetch_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise InvalidRequestError(f"ImageLimits.fetch_timeout must be a number of seconds > 0, got {timeout!r}")

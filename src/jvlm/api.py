@@ -21,7 +21,7 @@ from .errors import CheckpointError, InvalidRequestError, check_positive_int
 from .hub import DEFAULT_MODEL, resolve_snapshot
 from .images.fetch import ImageLimits, UrlPolicy
 from .images.tiling import ImageProcessorConfig
-from .processor import Processor, Prompt
+from .processor import Processor, Prompt, is_sequence
 from .tokenizer import TextTokenizer
 
 
@@ -170,17 +170,13 @@ class VLM:
         self.close()
 
 
-def _is_sequence(value: Any) -> bool:
-    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
-
-
 def _conversations(conversation: Any) -> tuple[list, bool]:
     """(the conversations, whether it is a batch): a sequence whose first item is itself a sequence of
     messages is a batch, and then every item must be one (each conversation is checked later)."""
-    if not (_is_sequence(conversation) and conversation and _is_sequence(conversation[0])):
+    if not (is_sequence(conversation) and conversation and is_sequence(conversation[0])):
         return [conversation], False
     for i, c in enumerate(conversation):
-        if not _is_sequence(c):
+        if not is_sequence(c):
             raise InvalidRequestError(
                 f"conversation {i} of the batch must be a list of messages, got {type(c).__name__}")
     return list(conversation), True

@@ -76,10 +76,15 @@ def _check_text(text: str, where: str) -> str:
     return text
 
 
+def is_sequence(value: Any) -> bool:
+    """A list, tuple… of items (a conversation, a batch of them); a string is not one."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+
+
 def normalize_conversation(conversation: Any) -> tuple[list[dict], list[Any]]:
     """Validate the list-of-messages format; return template messages (images as placeholders) and the
     image sources in order of appearance."""
-    if not isinstance(conversation, Sequence) or isinstance(conversation, (str, bytes, bytearray)) or not conversation:
+    if not is_sequence(conversation) or not conversation:
         raise InvalidRequestError("a conversation must be a non-empty list of messages")
     messages, sources = [], []
     for i, message in enumerate(conversation):

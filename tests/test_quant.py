@@ -297,16 +297,20 @@ def test_int8_decoder_linear_inputs_are_scratch(formats, monkeypatch):
         return torch.stack(seen)
 
     clean = logits_seen()
-    forward = quant.Int8Linear.forward
+    product = quant.Int8Linear._fbgemm_per_token  # where forward and forward_add (the residual adds) scale x
+    calls = []
 
-    def poisoning_forward(self, x):
-        y = forward(self, x)
+    def poisoning_product(self, x):
+        y = product(self, x)
         if self.input_is_scratch:
+            calls.append(self)
             x.fill_(float("nan"))
         return y
 
-    monkeypatch.setattr(quant.Int8Linear, "forward", poisoning_forward)
+    monkeypatch.setattr(quant.Int8Linear, "_fbgemm_per_token", poisoning_product)
     poisoned = logits_seen()
+    if quant.fbgemm_available():  # (the fallback kernels never scale x in place)
+        assert {type(m) for m in calls} == {quant.Int8Linear} and len(set(map(id, calls))) == len(scratch)
     assert torch.equal(clean, poisoned)
 
 

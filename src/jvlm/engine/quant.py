@@ -225,22 +225,39 @@ class Int8Linear(nn.Module):
         ys = [torch.ops.quantized.linear_dynamic(x, p, reduce_range) for p in self.packed]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
+    def _fbgemm_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (..., K) → (FBGEMM's product (M, N) without the bias, the per-token scale (M, 1) its rows still
+        need, or None where there is one token: FBGEMM's own per-call scale is then already per token)."""
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] == 1:
+            return self._fbgemm(x2), None
+        row = _row_absmax(x2)
+        inverse = row.reciprocal()
+        scratch = self.input_is_scratch or x2.data_ptr() != x.data_ptr()  # .float() made a copy
+        return self._fbgemm(x2.mul_(inverse) if scratch and x2.is_contiguous() else x2 * inverse), row
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), float32, written over the product (models/decoder.py ``add_linear``): the
+        per-token scale is applied in the add, one pass over a still-cached output instead of two passes and
+        a fresh buffer (at 1074×2048: ~0.12 against ~0.6 ms)."""
+        if not self.packed or self.bias is not None:
+            return residual + self(x)
+        y, row = self._fbgemm_per_token(x)  # y is ours: the sum goes into it, still in the caches
+        flat = residual.reshape(y.shape)
+        return (y.add_(flat) if row is None else torch.addcmul(flat, y, row, out=y)).view(residual.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.packed:
+            y, row = self._fbgemm_per_token(x)
+            if row is not None:
+                y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)  # in place
+            elif self.bias is not None:
+                y += self.bias
+            return y.view(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features).float()
         M = x2.shape[0]
-        if self.packed:
-            if M == 1:  # one token: FBGEMM's own per-call scale is already per token
-                y = self._fbgemm(x2)
-                if self.bias is not None:
-                    y += self.bias
-            else:
-                row = _row_absmax(x2)
-                inverse = row.reciprocal()
-                scratch = self.input_is_scratch or x2.data_ptr() != x.data_ptr()  # .float() made a copy
-                y = self._fbgemm(x2.mul_(inverse) if scratch and x2.is_contiguous() else x2 * inverse)
-                y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)  # in place
-        elif M <= SMALL_M and self.in_features % 16 == 0:  # the weight-only kernel needs K % 16 == 0
+        if M <= SMALL_M and self.in_features % 16 == 0:  # the weight-only kernel needs K % 16 == 0
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16).float()
             if self.bias is not None:
                 y += self.bias
@@ -298,6 +315,12 @@ class Int8LinearOneDNN(Int8Linear):
         y, row = self._matmul(x.reshape(-1, self.in_features))  # any float dtype: quantized straight from it
         y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
         return y.view(*lead, self.out_features)  # float32 whatever the input's float dtype
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return residual + self(x)
+        y, row = self._matmul(x.reshape(-1, self.in_features))
+        return torch.addcmul(residual.reshape(y.shape), y, row, out=y).view(residual.shape)
 
     def dequantized_weight(self) -> torch.Tensor:
         y, row = self._matmul(torch.eye(self.in_features))  # the identity quantizes exactly (127 → 255)

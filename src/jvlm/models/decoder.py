@@ -118,6 +118,13 @@ def bf16_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     return out.view(Hq, n, hd).to(q.dtype)
 
 
+def add_linear(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x): in one pass over the output where the linear can add while it writes it (the
+    int8 format's ``forward_add``, engine/quant.py: its per-token scale and the residual in one op)."""
+    forward_add = getattr(linear, "forward_add", None)
+    return forward_add(x, residual) if forward_add is not None else residual + linear(x)
+
+
 class Attention(nn.Module):
     """``attention_dtype`` (set per weight format by the loader, engine/quant.py): None runs the fused
     ``scaled_dot_product_attention`` in the activations' dtype (the reference numerics); bfloat16 runs
@@ -135,7 +142,8 @@ class Attention(nn.Module):
         self.k_lnorm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.out = nn.Linear(q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, segments: list[Segment], layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, segments: list[Segment], layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """→ residual + attention output (T, D)."""
         T = x.shape[0]
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(self.q_lnorm(q.view(T, self.n_heads, self.head_dim)), cos, sin)  # (T, Hq, hd)
@@ -170,7 +178,7 @@ class Attention(nn.Module):
             outputs.append(y[0].transpose(0, 1).reshape(n, -1))
             offset += n
         y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)  # mixed dtypes promote
-        return self.out(y)
+        return add_linear(residual, self.out, y)
 
 
 class MLP(nn.Module):
@@ -181,9 +189,11 @@ class MLP(nn.Module):
         self.up = nn.Linear(dim, 2 * hidden, bias=False)  # rows: value | gate
         self.down = nn.Linear(hidden, out or dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """→ down(SwiGLU(up(x))), plus ``residual`` when given."""
         value, gate = self.up(x).chunk(2, dim=-1)
-        return self.down(torch.mul(F.silu(gate, inplace=True), value))  # up's output is ours: no extra buffer
+        hidden = torch.mul(F.silu(gate, inplace=True), value)  # up's output is ours: no extra buffer
+        return self.down(hidden) if residual is None else add_linear(residual, self.down, hidden)
 
 
 class DecoderBlock(nn.Module):
@@ -195,8 +205,8 @@ class DecoderBlock(nn.Module):
         self.ffn = MLP(cfg.hidden_size, cfg.ffn_size)
 
     def forward(self, x, cos, sin, segments, layer):
-        x = x + self.attn(self.attn_lnorm(x), cos, sin, segments, layer)
-        return x + self.ffn(self.ffn_lnorm(x))
+        x = self.attn(self.attn_lnorm(x), cos, sin, segments, layer, residual=x)
+        return self.ffn(self.ffn_lnorm(x), residual=x)
 
 
 class Embedding(nn.Module):

@@ -277,13 +277,14 @@ def test_format_image_features_agree(formats, fmt):
     assert rel(b, a) < BOUNDS[fmt][0]
 
 
-def test_int8_decoder_linear_inputs_are_scratch(formats, monkeypatch):
-    """The decoder's int8 linears scale their input in place (quant.SCRATCH_INPUT_MODULES), so the model must
-    never read such an input after the call: overwriting each one with NaN right after it must change no logit
-    (prefill with an image, a batch, decode steps)."""
+def test_int8_linear_inputs_are_scratch(formats, monkeypatch):
+    """The decoder's and the vision tower's int8 linears scale their input in place
+    (quant.SCRATCH_INPUT_MODULES), so the model must never read such an input after the call: overwriting each
+    one with NaN right after it must change no logit (prefill with an image, a batch, decode steps)."""
     vlm = formats["int8"]
     scratch = [name for name, m in vlm.model.named_modules() if getattr(m, "input_is_scratch", False)]
-    assert scratch and all(name.startswith("decoder.layers.") for name in scratch), scratch
+    assert {name.split(".")[0] for name in scratch} == {"decoder", "vision"}, scratch
+    assert all(name.startswith(("decoder.layers.", "vision.layers.")) for name in scratch), scratch
     conversations = [image_conversation(random_image(640, 480, seed=6), "What is here?"),
                      [{"role": "user", "content": PROMPTS[0]}]]
 
@@ -293,24 +294,27 @@ def test_int8_decoder_linear_inputs_are_scratch(formats, monkeypatch):
             patch.setattr(vlm.engine, "_accept", lambda r, logits: (seen.append(logits.float().clone()),
                                                                     accept(r, logits))[1])
             vlm.engine.prefixes.clear()
+            vlm.engine.features.entries.clear()  # the vision tower runs each time
             vlm.chat(conversations, max_new_tokens=5)
         return torch.stack(seen)
 
     clean = logits_seen()
-    product = quant.Int8Linear._fbgemm_per_token  # where forward and forward_add (the residual adds) scale x
     calls = []
 
-    def poisoning_product(self, x):
-        y = product(self, x)
-        if self.input_is_scratch:
-            calls.append(self)
-            x.fill_(float("nan"))
-        return y
+    def poisoning(product):  # where forward and forward_add (the residual adds) scale x
+        def poisoning_product(self, x):
+            y = product(self, x)
+            if self.input_is_scratch:
+                calls.append(self)
+                x.fill_(float("nan"))
+            return y
+        return poisoning_product
 
-    monkeypatch.setattr(quant.Int8Linear, "_fbgemm_per_token", poisoning_product)
+    monkeypatch.setattr(quant.Int8Linear, "_fbgemm_per_token", poisoning(quant.Int8Linear._fbgemm_per_token))
+    monkeypatch.setattr(quant.Int8LinearOneDNN, "_matmul", poisoning(quant.Int8LinearOneDNN._matmul))
     poisoned = logits_seen()
-    if quant.fbgemm_available():  # (the fallback kernels never scale x in place)
-        assert {type(m) for m in calls} == {quant.Int8Linear} and len(set(map(id, calls))) == len(scratch)
+    if quant.fbgemm_available() and quant.onednn_int8_available():  # (the fallbacks never scale in place)
+        assert len(set(map(id, calls))) == len(scratch)
     assert torch.equal(clean, poisoned)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .decoder import add_linear
 
 HEADS_PER_CHUNK = 4  # bfloat16 attention: 4 heads' 729×729 scores (4 MB) stay in the CPU caches
 
@@ -60,14 +61,16 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * n_heads * head_dim)  # rows: Q | K | V, head-contiguous
         self.out = nn.Linear(n_heads * head_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """→ residual + attention output."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
         if self.attention_dtype == torch.bfloat16:
-            return self.out(bf16_attention(qkv))  # bfloat16 in: int8 linears quantize it directly
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3×(B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+            y = bf16_attention(qkv)  # bfloat16 in: int8 linears quantize it directly
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3×(B, H, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        return add_linear(residual, self.out, y)
 
 
 class VisionMLP(nn.Module):
@@ -76,8 +79,9 @@ class VisionMLP(nn.Module):
         self.up = nn.Linear(dim, hidden)
         self.down = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(gelu_tanh(self.up(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """→ residual + MLP output."""
+        return add_linear(residual, self.down, gelu_tanh(self.up(x)))
 
 
 SQRT_8_OVER_PI = (8 / math.pi) ** 0.5
@@ -104,8 +108,8 @@ class VisionBlock(nn.Module):
         self.ffn = VisionMLP(cfg.hidden_size, cfg.ffn_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_lnorm(x))
-        return x + self.ffn(self.ffn_lnorm(x))
+        x = self.attn(self.attn_lnorm(x), residual=x)  # a new tensor: x may be a kept feature layer
+        return self.ffn(self.ffn_lnorm(x), residual=x)
 
 
 class PatchEmbed(nn.Module):

@@ -74,6 +74,21 @@ def test_vision_tower_matches_transformers_siglip(vlm):
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_matches_torch(dtype):
+    """The tower's GELU (its own float32 formula) against PyTorch's tanh approximation, over the range where
+    it saturates on both sides."""
+    from jvlm.models.vision import gelu_tanh
+
+    x = torch.cat([torch.linspace(-40, 40, 20001), torch.randn(729 * 64, generator=torch.Generator().manual_seed(3))])
+    x = x.to(dtype)
+    expected = F.gelu(x.float(), approximate="tanh")
+    got = gelu_tanh(x)
+    assert got.dtype == dtype and not got.isnan().any()
+    error = (got.float() - expected).abs() / expected.abs().clamp(min=1)  # relative, absolute near 0
+    assert float(error.max()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_vision_tower_builds_only_the_blocks_it_uses(vlm):
     cfg = vlm.model.cfg.vision
     assert cfg.n_layers == 6 and cfg.feature_layers == (4, 2)

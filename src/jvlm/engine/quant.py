@@ -15,9 +15,10 @@ Formats (``jvlm.load(path, dtype=...)``):
   decoder the same packed weight serves decode (bandwidth-bound: ~1 byte read per weight) and prefill
   (compute-bound: int8 dot products); the vision tower and connector, which never see fewer than 196
   rows per call, use oneDNN's int8 kernel instead (``Int8LinearOneDNN``), faster at those sizes.
-  Activations, norms and the KV cache are float32; the embedding
-  tables (lookups, not matmuls) are stored in bfloat16; on CPUs with bfloat16 dot products attention
-  (a third of the vision tower's time in float32) runs its matmuls in bfloat16, except at decode steps.
+  Activations and norms are float32; the embedding tables (lookups, not
+  matmuls) are stored in bfloat16; on CPUs with bfloat16 dot products attention (a third of the vision
+  tower's time in float32) runs its matmuls in bfloat16 and the KV cache (read whole at every decode
+  step) is stored in bfloat16 (``kv_cache_dtype``).
 
 FBGEMM quantizes one scale per *call*, so rows (tokens) are first divided by their own absmax and the
 output rows multiplied back (a linear map commutes with that); this makes the quantization per token,
@@ -56,7 +57,8 @@ class WeightFormat:
 
 IMAGE_MODULES = ("vision.", "connector.")
 # linears whose input is always a temporary of the model's own forward, never read after the call
-# (models/decoder.py; tests/test_quant.py checks that overwriting it after the call changes nothing)
+# (models/decoder.py, models/vision.py; tests/test_quant.py checks that overwriting it after the call changes
+# nothing)
 SCRATCH_INPUT_MODULES = ("decoder.layers.", "vision.layers.")
 
 
@@ -179,7 +181,8 @@ class Int8Linear(nn.Module):
     """
 
     PACK_BLOCK_BYTES = 64 << 20
-    # True where the caller never reads the input again (the decoder's linears, set by ``swap_modules``):
+    # True where the caller never reads the input again (the decoder's and the vision tower's linears, set by
+    # ``swap_modules`` from SCRATCH_INPUT_MODULES):
     # the per-token scaling then runs in place instead of into a fresh buffer the size of the input (with
     # the SwiGLU and rotary passes saved in models/decoder.py, a 1074-token prefill ~1.5% faster)
     input_is_scratch = False

@@ -18,7 +18,7 @@ from jvlm.models.jina_vlm import JinaVLM
 from jvlm.testing import jina_vlm_config
 
 # Bounds of each format against float32 on the tiny checkpoint (measured: bf16 ≈ 1.0% / 1.5% max,
-# int8 ≈ 2.1% / 3.2% max relative error of logits; top-1 agreement ≈ 93% / 94%). The README quotes them.
+# int8 ≈ 2.1% / 3.2% max relative error of logits; top-1 agreement ≈ 93% both). The README quotes them.
 BOUNDS = {  # format: (relative error of final hidden states and of logits, mean teacher-forced top-1 agreement)
     "bfloat16": (0.03, 0.85),
     "int8": (0.06, 0.85),

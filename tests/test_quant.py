@@ -310,8 +310,8 @@ def test_int8_linear_inputs_are_scratch(formats, monkeypatch):
             return y
         return poisoning_product
 
-    monkeypatch.setattr(quant.Int8Linear, "_fbgemm_per_token", poisoning(quant.Int8Linear._fbgemm_per_token))
-    monkeypatch.setattr(quant.Int8LinearOneDNN, "_matmul", poisoning(quant.Int8LinearOneDNN._matmul))
+    for cls in (quant.Int8Linear, quant.Int8LinearOneDNN):
+        monkeypatch.setattr(cls, "_product", poisoning(cls._product))
     poisoned = logits_seen()
     if quant.fbgemm_available() and quant.onednn_int8_available():  # (the fallbacks never scale in place)
         assert len(set(map(id, calls))) == len(scratch)

@@ -228,9 +228,10 @@ class Int8Linear(nn.Module):
         ys = [torch.ops.quantized.linear_dynamic(x, p, reduce_range) for p in self.packed]
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
-    def _fbgemm_per_token(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x (..., K) → (FBGEMM's product (M, N) without the bias, the per-token scale (M, 1) its rows still
-        need, or None where there is one token: FBGEMM's own per-call scale is then already per token)."""
+    def _product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (..., K) → (the packed kernel's product (M, N), float32, without the bias; the per-token scale
+        (M, 1) its rows still need, or None where there is one token: FBGEMM's own per-call scale is then
+        already per token)."""
         x2 = x.reshape(-1, self.in_features).float()
         if x2.shape[0] == 1:
             return self._fbgemm(x2), None
@@ -243,16 +244,17 @@ class Int8Linear(nn.Module):
         """residual + self(x), float32, written over the product (models/decoder.py ``add_linear``): the
         per-token scale is applied in the add, one pass over a still-cached output instead of two passes and
         a fresh buffer (at 1074×2048: ~0.12 against ~0.6 ms)."""
-        if not self.packed or self.bias is not None:
+        if not self.packed:
             return residual + self(x)
-        y, row = self._fbgemm_per_token(x)  # y is ours: the sum goes into it, still in the caches
+        y, row = self._product(x)  # y is ours: the sum goes into it, still in the caches
         flat = residual.reshape(y.shape)
-        return (y.add_(flat) if row is None else torch.addcmul(flat, y, row, out=y)).view(residual.shape)
+        y = y.add_(flat) if row is None else torch.addcmul(flat, y, row, out=y)
+        return (y if self.bias is None else y.add_(self.bias)).view(residual.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if self.packed:
-            y, row = self._fbgemm_per_token(x)
+            y, row = self._product(x)
             if row is not None:
                 y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)  # in place
             elif self.bias is not None:
@@ -301,9 +303,10 @@ class Int8LinearOneDNN(Int8Linear):
         self.packed = [torch.ops.onednn.qlinear_prepack(q, None)]
         self.scales, self.zero_points = scales, torch.zeros(N, dtype=torch.long)
 
-    def _matmul(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K) float → (y / row scale (M, N) float32 without the bias, row scale (M, 1)): activations
-        quantized per token."""
+    def _product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., K), any float dtype (quantized straight from it) → (y / row scale (M, N) float32 without the
+        bias, row scale (M, 1)): activations quantized per token."""
+        x = x.reshape(-1, self.in_features)
         row = _row_absmax(x).float()
         # round(x·127/row) + 128 as the floor of a value ≥ 1.5; through int16 because float → uint8 is a slow
         # scalar loop in PyTorch's CPU kernels while float → int16 → uint8 is vectorized (the whole
@@ -316,19 +319,8 @@ class Int8LinearOneDNN(Int8Linear):
                                                None, 1.0, 0, torch.float32, "none", [], "")
         return y, row
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y, row = self._matmul(x.reshape(-1, self.in_features))  # any float dtype: quantized straight from it
-        y = y.mul_(row) if self.bias is None else torch.addcmul(self.bias, y, row, out=y)
-        return y.view(*lead, self.out_features)  # float32 whatever the input's float dtype
-
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        y, row = self._matmul(x.reshape(-1, self.in_features))
-        y = torch.addcmul(residual.reshape(y.shape), y, row, out=y)  # into the product, as Int8Linear's
-        return (y if self.bias is None else y.add_(self.bias)).view(residual.shape)
-
     def dequantized_weight(self) -> torch.Tensor:
-        y, row = self._matmul(torch.eye(self.in_features))  # the identity quantizes exactly (127 → 255)
+        y, row = self._product(torch.eye(self.in_features))  # the identity quantizes exactly (127 → 255)
         return y.mul_(row).t().contiguous()
 
     def extra_repr(self) -> str:

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -248,13 +249,36 @@ def test_max_new_tokens_and_stop_strings(vlm):
     if out.finish_reason == "length":
         assert out.usage.completion_tokens == 20
     text = out.text
-    if len(text) > 4:
-        stop = text[2:4]
+    assert len(text) > 12
+    for stop in (text[2:4], text[len(text) // 2:len(text) // 2 + 3], text[-3:]):  # early, mid-answer, at the end
         cut = vlm.chat(conv, max_new_tokens=20, temperature=1.0, seed=7, stop=[stop])
         assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
         streamed = "".join(d.text for d in vlm.chat(conv, max_new_tokens=20, temperature=1.0, seed=7,
                                                      stop=stop, stream=True))
         assert streamed == cut.text
+
+
+def test_incremental_detokenization_matches_a_full_decode(vlm, monkeypatch):
+    """Each step decodes only the answer's tail; the text must still equal decoding every token at once, at
+    every step, for random tokens (partial UTF-8 sequences, special and end tokens included)."""
+    engine, tokenizer = vlm.engine, vlm.engine.tokenizer
+    decoded_lengths = []
+    full_decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda ids, **kw: decoded_lengths.append(len(ids)) or full_decode(ids))
+    vocab = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    multibyte = tokenizer.encode("Grüße aus 東京 🙂, ¿qué tal? Привет")
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, vocab, (60,), generator=g).tolist() if seed % 2 else multibyte * 3
+        ids[5::17] = [next(iter(engine.eos_ids))] * len(ids[5::17])
+        r = SimpleNamespace(generated=[], committed="", detok_context=0, detok_read=0)
+        for token in ids:
+            r.generated.append(token)
+            decoded_lengths.clear()
+            text = engine._text(r)
+            if not seed % 2:  # real text: only the tail is decoded (a character spans at most 4 byte tokens)
+                assert max(decoded_lengths) <= 8, (len(r.generated), decoded_lengths)
+            assert text == full_decode([t for t in r.generated if t not in engine.eos_ids]), (seed, len(r.generated))
 
 
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(vlm):

@@ -60,6 +60,9 @@ class _Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     emitted: int = 0  # characters of text already sent
     text: str = ""
+    committed: str = ""  # the text of generated[:detok_read], ending on a whole character (Engine._text)
+    detok_context: int = 0  # generated[detok_context:detok_read] is decoded again with each new token
+    detok_read: int = 0
     finish_reason: str | None = None
     error: str | None = None
     cancelled: bool = False
@@ -459,9 +462,10 @@ class Engine:
         finish = None
         if token in self.eos_ids:
             finish = "stop"
-        text = self.tokenizer.decode([t for t in r.generated if t not in self.eos_ids])
+        searched = len(r.committed)  # text before this never changes and held no stop string
+        text = self._text(r)
         if r.params.stop:
-            hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+            hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in r.params.stop) if i >= 0]
             if hits:
                 text, finish = text[: min(hits)], "stop"
         if finish is None and len(r.generated) >= r.budget:
@@ -479,6 +483,22 @@ class Engine:
             r.events.put(ChatDelta(r.index, delta, [token], new_logprobs))
         else:
             self._finish(r, finish, last_token=token, last_logprobs=new_logprobs)
+
+    def _text(self, r: _Request) -> str:
+        """The answer's text so far, decoded incrementally: each step decodes only the tokens after the last
+        whole character plus the few before them (their context), not the whole answer again (which made
+        a long answer's steps O(n) each). A trailing partial UTF-8 sequence reads as U+FFFD until its last
+        byte arrives; only then is the text committed."""
+        keep = [t for t in r.generated[r.detok_context:] if t not in self.eos_ids]
+        context = [t for t in r.generated[r.detok_context:r.detok_read] if t not in self.eos_ids]
+        before, full = self.tokenizer.decode(context), self.tokenizer.decode(keep)
+        if not full.startswith(before):  # a decoder that rewrites across tokens: decode everything again
+            r.committed, r.detok_context, r.detok_read = "", 0, 0
+            before, full = "", self.tokenizer.decode([t for t in r.generated if t not in self.eos_ids])
+        text = r.committed + full[len(before):]
+        if not full.endswith("\ufffd"):
+            r.committed, r.detok_context, r.detok_read = text, r.detok_read, len(r.generated)
+        return text
 
     def _logprob_entry(self, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
         logp = torch.log_softmax(logits.float(), dim=-1)

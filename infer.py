@@ -8,10 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # run from a checkout without installing
 
+from jvlm.cli import infer_main  # noqa: E402
+
 if __name__ == "__main__":
-    from jvlm import hugepages
-
-    hugepages.reexec()  # huge pages for the weights where that pays (src/jvlm/hugepages.py)
-    from jvlm.cli import infer_main
-
     sys.exit(infer_main())

@@ -50,15 +50,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _huge_page_bytes() -> int:
-    """Anonymous memory of this process in transparent huge pages (hugepages.py)."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("AnonHugePages:")), 0)
-    except OSError:
-        return 0
-
-
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -811,7 +802,6 @@ def run_phase(args) -> int:
     else:
         raise SystemExit(f"unknown phase {args.phase!r}")
     result["phase"] = args.phase
-    result["huge_pages_bytes"] = _huge_page_bytes()
     print(RESULT_TAG + json.dumps(result), flush=True)
     return 0
 
@@ -909,19 +899,12 @@ def _log(message: str) -> None:
 
 
 def _run_subprocess(args, phase: str, snap: Path) -> dict:
-    from . import hugepages
-
     cmd = [sys.executable, "-m", "jvlm.bench", "--phase", phase, "--checkpoint", str(snap)]
     for key in ("cache_dir", "repeats", "repeats_ttft", "repeats_reference", "repeats_ttft_reference", "decode_tokens",
                 "decode_tokens_reference", "threads", "wait_idle"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     t0 = _now()
-    # jvlm runs as its command line and server run it: with huge pages where they pay (hugepages.py); the
-    # reference as a user of the transformers code runs it, in the environment as it is
-    environ = dict(os.environ)
-    use = phase.startswith("jvlm:") and hugepages.wanted(environ)
-    env = hugepages.with_tunable(environ) if use else hugepages.without_tunable(environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith(RESULT_TAG):
             result = json.loads(line[len(RESULT_TAG):])
@@ -932,16 +915,6 @@ def _run_subprocess(args, phase: str, snap: Path) -> dict:
 
 
 # ============================================================================================ the report
-def _huge_pages_note(results: dict) -> str:
-    jvlm_phases = {p: r for p, r in results.items() if p.startswith("jvlm:") and "huge_pages_bytes" in r}
-    held = max((r["huge_pages_bytes"] for r in jvlm_phases.values()), default=0)
-    if not held:
-        return "no phase held transparent huge pages (src/jvlm/hugepages.py: not supported here or switched off)."
-    return (f"the jvlm phases ran with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as the `jvlm` command and server "
-            f"start themselves (src/jvlm/hugepages.py), up to {held / 2**30:.2f} GiB in transparent huge pages; "
-            "the reference's phases without.")
-
-
 def render_report(results: dict, command: str, total_s: float, snapshot: Path) -> str:
     from .config import JinaVLMConfig
 
@@ -1001,8 +974,7 @@ def render_report(results: dict, command: str, total_s: float, snapshot: Path) -
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()),
         "- model: the real jina-vlm 2.4B geometry with random weights (speed does not depend on the values); "
         "jvlm phases load a full-size float32 checkpoint through `jvlm.load` and run the engine (`vlm.chat`); "
-        "each phase runs in its own process; "
-        + _huge_pages_note(results),
+        "each phase runs in its own process.",
         "- image prompt: an 800×600 image + a short question "
         f"({rows[0].get('crops', '?') if rows else '?'} crops, {rows[0].get('prompt_tokens', '?') if rows else '?'} "
         "prompt tokens); follow-up: a second question on the same image in the same conversation; decode: "

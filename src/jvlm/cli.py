@@ -551,15 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     return run(args.func, args)
 
 
-def console_main() -> int:
-    """The ``jvlm`` program: ``main`` in a process started again with huge pages for the weights where that
-    pays (hugepages.py)."""
-    from jvlm import hugepages
-
-    hugepages.reexec()
-    return main()
-
-
 def infer_main(argv: list[str] | None = None, prog: str = "infer.py") -> int:
     """``infer.py``: ``jvlm chat`` under another name (same flags, same output)."""
     parser = argparse.ArgumentParser(prog=prog, description="Ask jina-vlm about images (same as `jvlm chat`).",
@@ -569,4 +560,4 @@ def infer_main(argv: list[str] | None = None, prog: str = "infer.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(console_main())
+    sys.exit(main())

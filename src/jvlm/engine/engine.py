@@ -489,12 +489,13 @@ class Engine:
         whole character plus the few before them (their context), not the whole answer again (which made
         a long answer's steps O(n) each). A trailing partial UTF-8 sequence reads as U+FFFD until its last
         byte arrives; only then is the text committed."""
-        tail = [t for t in r.generated[r.detok_context:] if t not in self.eos_ids]
-        context = [t for t in r.generated[r.detok_context:r.detok_read] if t not in self.eos_ids]
-        before, full = self.tokenizer.decode(context), self.tokenizer.decode(tail)
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode([t for t in ids if t not in self.eos_ids])
+
+        before, full = decode(r.generated[r.detok_context:r.detok_read]), decode(r.generated[r.detok_context:])
         if not full.startswith(before):  # a decoder that rewrites across tokens: decode everything again
             r.committed, r.detok_context, r.detok_read = "", 0, 0
-            before, full = "", self.tokenizer.decode([t for t in r.generated if t not in self.eos_ids])
+            before, full = "", decode(r.generated)
         text = r.committed + full[len(before):]
         if not full.endswith("\ufffd"):
             r.committed, r.detok_context, r.detok_read = text, r.detok_read, len(r.generated)

@@ -22,12 +22,24 @@ import uvicorn
 from PIL import Image
 
 from jvlm.server import Settings, create_app
+from jvlm.server.cli import uvicorn_config
 from jvlm.server.images import make_image_loader
 
 MODEL = "jina-vlm"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def live_config(app) -> uvicorn.Config:
+    """``jvlm serve``'s uvicorn configuration for ``app`` (its protocol with the request-head deadline), with a
+    short shutdown deadline for tests."""
+    settings = app.state.settings
+    if settings.log_level in ("info", "debug"):  # no access log lines in the test output
+        settings = settings.model_copy(update={"log_level": "warning"})
+    config = uvicorn_config(app, settings)
+    config.timeout_graceful_shutdown = 5
+    return config
+
+
 class LiveServer:
     """A uvicorn server for ``app`` in a background thread, on a free loopback port."""
 
@@ -37,7 +49,7 @@ class LiveServer:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(live_config(app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 
     @property

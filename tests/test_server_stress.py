@@ -39,10 +39,11 @@ from jvlm.processor import Prompt
 from jvlm.server import Settings, add_serve_arguments, create_app
 from jvlm.server.app import Generation
 from jvlm.server.images import make_image_loader
-from test_server import MODEL, LiveServer, assert_error, data_uri, png_bytes, sse_events, user
+from test_server import MODEL, LiveServer, assert_error, data_uri, live_config, png_bytes, sse_events, user
 from test_server_lifecycle import wait_until
 
 MAX_BATCH = 8
+HEADER_TIMEOUT = 1.0  # the server's --header-timeout
 SEND_BUFFER = 4096  # the server's socket send buffer: a client that never reads stalls its stream quickly
 PIXELS_PER_IMAGE, PIXELS_PER_REQUEST = 9_000, 10_000  # the load's 64x48 images are 3,072 pixels each
 
@@ -57,7 +58,7 @@ class SmallBufferServer(LiveServer):
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(live_config(app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 
     @property
@@ -83,6 +84,7 @@ def files(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_dir, files):
     settings = Settings(model=str(tiny_dir), max_batch=MAX_BATCH, max_queue=56, write_timeout=1.0, body_timeout=1.5,
+                        header_timeout=HEADER_TIMEOUT,
                         max_image_pixels=PIXELS_PER_IMAGE, max_total_image_pixels=PIXELS_PER_REQUEST,
                         allow_file_dir=files / "images", log_level="critical")
     with SmallBufferServer(create_app(settings)) as live:
@@ -274,6 +276,61 @@ def test_half_body_is_408_or_dropped(server, api):
         staller.close()
     wait_until(lambda: server.in_flight == 0, 5, "the half bodies to be released")
     assert answer(api, spec_body(SPECS[0], stream=False))[0] == 200
+
+
+def test_slow_request_head_is_408_and_closed(server, api, monkeypatch):
+    """A client that sends its request line and headers a byte at a time ("slowloris"), or connects and sends
+    nothing, loses its connection at --header-timeout; a complete head followed by a pause, or a kept-alive
+    connection idle between requests, does not."""
+    trickler = socket.create_connection(("127.0.0.1", server.port))
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        started = time.monotonic()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Padding: y\r\n" * 1000
+        trickler.settimeout(0.1)
+        reply = b""
+        for byte in head:  # a byte every 0.1 s and never the end of the headers: the server must give up
+            if time.monotonic() - started > HEADER_TIMEOUT + 4:
+                break
+            try:
+                trickler.sendall(bytes([byte]))
+                chunk = trickler.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # reset: the server has closed
+                break
+            if not chunk:
+                break
+            reply += chunk
+        with contextlib.suppress(OSError):
+            reply += read_response(trickler, timeout=2)
+        elapsed = time.monotonic() - started
+        assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+        error = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_timeout" and "headers" in error["message"]
+        assert HEADER_TIMEOUT <= elapsed < HEADER_TIMEOUT + 4
+        assert read_response(silent, timeout=5) == b""  # closed, not timed out
+        assert time.monotonic() - started < HEADER_TIMEOUT + 4
+    finally:
+        trickler.close()
+        silent.close()
+
+    monkeypatch.setattr(server.app.state.settings, "body_timeout", 30.0)
+    body = json.dumps(spec_body(SPECS[0], stream=False)).encode()
+    paused = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        paused.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                       b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(HEADER_TIMEOUT + 0.5)  # the head is complete: the body has --body-timeout
+        paused.sendall(body)
+        assert read_response(paused, timeout=30).startswith(b"HTTP/1.1 200 ")
+    finally:
+        paused.close()
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert answer(client, spec_body(SPECS[1], stream=False))[0] == 200
+        time.sleep(HEADER_TIMEOUT + 0.5)  # idle on a kept-alive connection (uvicorn's keep-alive is 5 s)
+        assert answer(client, spec_body(SPECS[1], stream=False))[0] == 200
+        assert client.get("/metrics").status_code == 200
 
 
 def test_request_timeout_frees_a_queued_request_at_once(server, api, monkeypatch):

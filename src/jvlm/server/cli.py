@@ -63,6 +63,18 @@ def _exit_quietly_on_signals():
             signal.signal(sig, handler)
 
 
+def uvicorn_config(app, settings: Settings):
+    """uvicorn's configuration for ``app``: the address, the request-head deadline (server/connection.py), and
+    a shutdown deadline a little after jvlm's own, so that the requests it cancels have had their answers."""
+    import uvicorn
+
+    from .connection import protocol_with_header_timeout
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          http=protocol_with_header_timeout(settings.header_timeout),
+                          timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM / SIGINT; 0 after a graceful shutdown, 1 if startup or loading failed."""
     import uvicorn
@@ -86,10 +98,7 @@ def serve_main(args: argparse.Namespace) -> int:
                 host.cancel_after(settings.shutdown_timeout)
             super().handle_exit(sig, frame)
 
-    # uvicorn's own deadline comes a little later: by then the cancelled requests have had their answers
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
-    server = Server(config)
+    server = Server(uvicorn_config(app, settings))
 
     def stop() -> None:
         server.should_exit = True

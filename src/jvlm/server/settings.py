@@ -33,8 +33,8 @@ class Settings(BaseModel):
     body_timeout: float = Field(
         60.0, gt=0, description="Seconds a client may take to send its request body; beyond it 408.")
     header_timeout: float = Field(
-        30.0, gt=0, description="Seconds a client may take to send a request's line and headers (from connecting, "
-                                "or from the previous response on a kept-alive connection); beyond it 408 and the "
+        30.0, gt=0, description="Seconds a client may take to send a request's line and headers, from their first "
+                                "byte (from connecting, for a connection's first request); beyond it 408 and the "
                                 "connection is closed.")
     max_image_bytes: int = Field(20 << 20, ge=1, description="Largest single image (decoded data URI or download).")
     max_image_pixels: int = Field(

@@ -43,7 +43,7 @@ from test_server import MODEL, LiveServer, assert_error, data_uri, live_config, 
 from test_server_lifecycle import wait_until
 
 MAX_BATCH = 8
-HEADER_TIMEOUT = 1.0  # the server's --header-timeout
+HEADER_TIMEOUT = 1.0  # --header-timeout in the test of it (the other tests keep the default)
 SEND_BUFFER = 4096  # the server's socket send buffer: a client that never reads stalls its stream quickly
 PIXELS_PER_IMAGE, PIXELS_PER_REQUEST = 9_000, 10_000  # the load's 64x48 images are 3,072 pixels each
 
@@ -84,7 +84,6 @@ def files(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_dir, files):
     settings = Settings(model=str(tiny_dir), max_batch=MAX_BATCH, max_queue=56, write_timeout=1.0, body_timeout=1.5,
-                        header_timeout=HEADER_TIMEOUT,
                         max_image_pixels=PIXELS_PER_IMAGE, max_total_image_pixels=PIXELS_PER_REQUEST,
                         allow_file_dir=files / "images", log_level="critical")
     with SmallBufferServer(create_app(settings)) as live:
@@ -282,6 +281,9 @@ def test_slow_request_head_is_408_and_closed(server, api, monkeypatch):
     """A client that sends its request line and headers a byte at a time ("slowloris"), or connects and sends
     nothing, loses its connection at --header-timeout; a complete head followed by a pause, or a kept-alive
     connection idle between requests, does not."""
+    protocol = server.server.config.http_protocol_class  # jvlm serve's, with --header-timeout as a class attribute
+    assert protocol.header_timeout == server.app.state.settings.header_timeout == 30.0
+    monkeypatch.setattr(protocol, "header_timeout", HEADER_TIMEOUT)
     trickler = socket.create_connection(("127.0.0.1", server.port))
     silent = socket.create_connection(("127.0.0.1", server.port))
     try:

@@ -32,11 +32,11 @@ class HeaderDeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_deadline(started=False)  # a fresh connection that never sends a byte is closed too
+        self._arm_head_deadline()  # a fresh connection that never sends a byte is closed too
 
     def data_received(self, data: bytes) -> None:
         if self._head_deadline is None and self.conn.their_state is h11.IDLE:  # the first byte of a new request
-            self._arm_head_deadline(started=True)
+            self._arm_head_deadline()
         self._head_started = True
         super().data_received(data)
 
@@ -48,9 +48,9 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         self._cancel_head_deadline()
         super().connection_lost(exc)
 
-    def _arm_head_deadline(self, started: bool) -> None:
+    def _arm_head_deadline(self) -> None:
         self._cancel_head_deadline()
-        self._head_started = started
+        self._head_started = False
         self._head_deadline = self.loop.call_later(self.header_timeout, self._head_deadline_passed)
 
     def _cancel_head_deadline(self) -> None:
